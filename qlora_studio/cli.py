@@ -1,0 +1,364 @@
+"""The command line: ``qlora-studio`` (the app) and its sub-commands.
+
+``train`` is also the GUI's worker process: with ``--events`` its standard output carries only
+event lines (events.py), everything else goes to standard error and the run's log file.
+
+Exit codes: 0 finished, 1 internal error, 2 bad input, 3 stopped on request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from . import __version__, runs
+from . import config as config_mod
+from .errors import UserError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
+
+log = logging.getLogger("qlora_studio")
+
+
+def _fail(message: str) -> int:
+    print(f"qlora-studio: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+# ----------------------------------------------------------------------------------------------
+# train
+
+
+def _preflight(cfg: config_mod.RunConfig, base_dir: Path, source: str) -> None:
+    """Cheap checks of the model folder and the dataset, before a run folder is created."""
+    from . import formats
+    from .engine.data import detect, load_records, resolve_data_path
+    from .engine.model import check_local_model, resolve_source
+
+    cfg.require_complete(source)
+    model_source = resolve_source(cfg.model.name_or_path, base_dir)
+    if Path(model_source).exists():
+        check_local_model(Path(model_source), cfg.model.allow_pickle_weights)
+    spec = resolve_data_path(cfg.data.path, base_dir)
+    if formats.looks_local(spec):
+        records = load_records(spec, cfg.data.split)
+        detect(records, cfg.data, spec)
+    if cfg.data.val_path:
+        vspec = resolve_data_path(cfg.data.val_path, base_dir)
+        if formats.looks_local(vspec):
+            detect(load_records(vspec, cfg.data.split), cfg.data, vspec)
+
+
+def _absolute(cfg: config_mod.RunConfig, base_dir: Path) -> config_mod.RunConfig:
+    """The run folder's copy of the config: local paths made absolute so it works from any folder."""
+    from .engine.data import resolve_data_path
+    from .engine.model import resolve_source
+
+    data = {"path": resolve_data_path(cfg.data.path, base_dir)}
+    if cfg.data.val_path:
+        data["val_path"] = resolve_data_path(cfg.data.val_path, base_dir)
+    return config_mod.replace(cfg, model={"name_or_path": resolve_source(cfg.model.name_or_path, base_dir)}, data=data)
+
+
+def _new_run_dir(cfg: config_mod.RunConfig, base_dir: Path) -> Path:
+    root = Path(cfg.output.runs_dir).expanduser()
+    if not root.is_absolute():
+        root = base_dir / root
+    name = cfg.output.run_name or time.strftime("run-%Y%m%d-%H%M%S")
+    path = root / name
+    n = 1
+    while path.exists():
+        n += 1
+        path = root / f"{name}-{n}"
+    return path
+
+
+class _Progress:
+    """A one-line progress display on a terminal: step, loss, tokens/s, ETA."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.total = 0
+        self.first: tuple[float, int] | None = None
+
+    def __call__(self, event: dict) -> None:
+        kind = event["type"]
+        if kind == "run_started":
+            self.total = int(event["plan"]["max_steps"])
+        elif kind == "step":
+            step = event["step"]
+            now = time.time()
+            if self.first is None:
+                self.first = (now, step)
+            t0, s0 = self.first
+            rate = (step - s0) / (now - t0) if now > t0 and step > s0 else 0
+            eta = (self.total - step) / rate if rate else 0
+            tps = event.get("tokens_per_s") or 0
+            self.stream.write(
+                f"\rstep {step}/{self.total}  loss {event['loss']:.4f}  {tps:,.0f} tok/s  ETA {int(eta) // 60}:{int(eta) % 60:02d} "
+            )
+            self.stream.flush()
+        elif kind in ("finished", "stopped"):
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    events_out = None
+    if args.events:
+        # Keep the real standard output for event lines only; anything else printed (by us, by a
+        # library or by native code) goes to standard error.
+        events_out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+
+    if args.resume:
+        run_dir = Path(args.resume).resolve()
+        if not (run_dir / runs.CONFIG).is_file():
+            return _fail(f"{run_dir}: not a run folder (no {runs.CONFIG}); pass the folder of the run to resume")
+        if runs.latest_checkpoint(run_dir) is None:
+            return _fail(f"{run_dir}: the run has no checkpoint to resume from; start it again instead")
+        summary = runs.summarize(run_dir)
+        if summary.status == "running":
+            return _fail(f"{run_dir}: the run is still running (worker pid in {runs.PID}); stop it first")
+        cfg_path = run_dir / runs.CONFIG
+    else:
+        if not args.config:
+            return _fail("give a CONFIG file, or --resume RUN_DIR")
+        cfg_path = Path(args.config)
+        run_dir = None
+    try:
+        cfg = config_mod.load(cfg_path)
+        if args.max_steps is not None:
+            cfg = config_mod.replace(cfg, train={"max_steps": args.max_steps})
+        base_dir = cfg_path.resolve().parent
+        _preflight(cfg, base_dir, str(cfg_path))
+        cfg = _absolute(cfg, base_dir)
+    except UserError as exc:
+        return _fail(exc.one_line())
+
+    if run_dir is None:
+        run_dir = Path(args.output).resolve() if args.output else _new_run_dir(cfg, base_dir)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            return _fail(f"{run_dir}: the run folder exists and is not empty; pick another --output or --resume it")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / runs.CONFIG)
+    return _run_worker(cfg, run_dir, resume=bool(args.resume), events_out=events_out)
+
+
+def _run_worker(cfg: config_mod.RunConfig, run_dir: Path, resume: bool, events_out) -> int:
+    from .events import EventWriter
+
+    handler = logging.FileHandler(run_dir / runs.LOG, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING)
+    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root.addHandler(console)
+
+    (run_dir / runs.PID).write_text(str(os.getpid()))
+    writer = EventWriter(run_dir / runs.EVENTS, echo=events_out, enabled=int(os.environ.get("RANK", "0")) == 0)
+    if events_out is None and sys.stderr.isatty():
+        writer.listeners.append(_Progress(sys.stderr))
+
+    from .engine.trainer import StopFlag, Trainer
+
+    stop = StopFlag(run_dir)
+    if events_out is not None:
+        stop.watch_stdin()
+    interrupts = {"n": 0}
+
+    def on_signal(signum, frame):
+        interrupts["n"] += 1
+        if signum == signal.SIGINT and interrupts["n"] > 1:
+            raise KeyboardInterrupt
+        stop.request("interrupted" if signum == signal.SIGINT else "terminated")
+        if signum == signal.SIGINT:
+            print("\nStopping after this step with a checkpoint (Ctrl-C again to quit at once)...", file=sys.stderr)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    try:
+        outcome = Trainer(cfg, run_dir, writer, stop, base_dir=run_dir, resume=resume).run()
+        if outcome.status == "stopped":
+            print(f"Stopped at step {outcome.step} with a checkpoint; resume with: qlora-studio train --resume {run_dir}", file=sys.stderr)
+            return EXIT_STOPPED
+        print(f"Finished: the adapter is in {run_dir / runs.ADAPTER}", file=sys.stderr)
+        return EXIT_OK
+    except UserError as exc:
+        logging.getLogger(__name__).error("%s", exc.one_line())
+        writer.emit("failed", kind=exc.kind, message=exc.one_line(), advice=exc.fix or "", log=str(run_dir / runs.LOG))
+        print(f"qlora-studio: error: {exc.one_line()}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        writer.emit("failed", kind="interrupted", message="interrupted before a checkpoint could be written",
+                    advice="Resume from the last checkpoint.", log=str(run_dir / runs.LOG))
+        return EXIT_STOPPED
+    except BaseException as exc:  # noqa: BLE001 - the worker must always report how it ended
+        kind, advice = _classify(exc)
+        logging.getLogger(__name__).error("internal error\n%s", traceback.format_exc())
+        message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
+        writer.emit("failed", kind=kind, message=message, advice=advice, log=str(run_dir / runs.LOG))
+        print(f"qlora-studio: internal error: {message} (details in {run_dir / runs.LOG})", file=sys.stderr)
+        return EXIT_INTERNAL
+    finally:
+        writer.close()
+        try:
+            (run_dir / runs.PID).unlink()
+        except FileNotFoundError:
+            pass
+        root.removeHandler(handler)
+        handler.close()
+        root.removeHandler(console)
+
+
+def _classify(exc: BaseException) -> tuple[str, str]:
+    try:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return "out_of_memory", ("The GPU ran out of memory. Lower train.micro_batch_size or data.max_seq_len, "
+                                     "turn on train.gradient_checkpointing, or run `qlora-studio estimate` first.")
+    except ImportError:
+        pass
+    if isinstance(exc, MemoryError):
+        return "out_of_memory", "The computer ran out of memory. Lower train.micro_batch_size or data.max_seq_len."
+    return "internal", "This is a bug in QLoRA Studio or a library: the log file has the details."
+
+
+# ----------------------------------------------------------------------------------------------
+# demo, generate, doctor
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .engine.demo import build_demo
+
+    folder = Path(args.dir)
+    if folder.exists() and not folder.is_dir():
+        return _fail(f"{folder}: exists and is not a folder")
+    path = build_demo(folder, overwrite=args.overwrite)
+    print(f"Demo written to {folder}. Train it with:\n  qlora-studio train {path}")
+    return EXIT_OK
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .engine.generate import generate, load_for_generation
+
+    try:
+        model, tokenizer = load_for_generation(args.target, use_adapter=not args.no_adapter, checkpoint=args.checkpoint)
+    except UserError as exc:
+        return _fail(exc.one_line())
+    print(generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, chat=not args.raw))
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import report
+
+    checks = report()
+    if args.json:
+        print(json.dumps(checks, indent=2))
+    else:
+        for name, item in checks.items():
+            mark = "ok " if item["ok"] else "-- "
+            print(f"{mark}{name:<14} {item['value']}" + (f"  ({item['reason']})" if item.get("reason") else ""))
+    return EXIT_OK
+
+
+def cmd_gui(args: argparse.Namespace) -> int:
+    try:
+        from .gui.app import main as gui_main
+    except ImportError as exc:
+        return _fail(f"the desktop app cannot start ({exc}); the command line works: qlora-studio --help")
+    return gui_main([])
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _optional(subparsers, name: str, module: str, help_text: str) -> None:
+    """A sub-command provided by another module, imported lazily (it may need torch or NVML)."""
+    import importlib
+
+    p = subparsers.add_parser(name, help=help_text, description=help_text)
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        p.set_defaults(func=lambda a, e=exc: _fail(f"`{name}` is not available ({e})"))
+        return
+    mod.add_arguments(p)
+    p.set_defaults(func=mod.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qlora-studio",
+        description="QLoRA fine-tuning of causal language models. Without a command, opens the desktop app.",
+    )
+    parser.add_argument("--version", action="version", version=f"qlora-studio {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune a model with QLoRA", description="Fine-tune a model with QLoRA from a TOML configuration.")
+    p.add_argument("config", nargs="?", help="the run configuration (config.toml)")
+    p.add_argument("--output", metavar="RUN_DIR", help="the run folder (default: <runs_dir>/<run_name or timestamp>)")
+    p.add_argument("--max-steps", type=int, metavar="N", help="override train.max_steps")
+    p.add_argument("--resume", metavar="RUN_DIR", help="resume an interrupted or stopped run from its latest checkpoint")
+    p.add_argument("--events", action="store_true", help="print JSON-line events on standard output (for the GUI)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="write the offline demo (tiny model, sample data, config)",
+                       description="Write an offline demo: a tiny random Llama, a locally built tokenizer, a sample dataset and config.toml.")
+    p.add_argument("dir", help="folder to write the demo into")
+    p.add_argument("--overwrite", action="store_true", help="rebuild it if it exists")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("generate", help="generate text from a run or a model",
+                       description="Generate text from a run folder (base + its adapter) or a model folder / hub id.")
+    p.add_argument("target", metavar="RUN_DIR|MODEL")
+    p.add_argument("--prompt", required=True, help="the user's message (the chat template is applied)")
+    p.add_argument("--no-adapter", action="store_true", help="use the base model of a run, without its adapter")
+    p.add_argument("--checkpoint", type=int, metavar="STEP", help="use the adapter of this checkpoint")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--raw", action="store_true", help="pass the prompt as is, without the chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("doctor", help="check Python, torch, CUDA, bitsandbytes, NVML and CUPTI",
+                       description="Report what this machine offers for QLoRA training, with a reason for whatever is missing.")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_doctor)
+
+    _optional(sub, "estimate", "qlora_studio.engine.estimate", "estimate the GPU memory a configuration needs")
+    _optional(sub, "monitor", "qlora_studio.monitor.cli", "show live GPU memory and paging figures on a terminal")
+    _optional(sub, "export", "qlora_studio.engine.export.cli", "export a run's adapter (PEFT, merged, GGUF)")
+
+    p = sub.add_parser("gui", help="open the desktop app (the default)")
+    p.set_defaults(func=cmd_gui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        return cmd_gui(args)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        return _fail(exc.one_line())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

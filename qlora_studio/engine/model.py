@@ -1,0 +1,234 @@
+"""Loading a causal LM with a frozen 4-bit base and LoRA adapters on its linear layers.
+
+Unlike PEFT's ``prepare_model_for_kbit_training`` this keeps embeddings, the output head and the
+norms in the compute dtype: casting them to fp32 doubles their memory (about 2 GB more on an 8B
+model with a 128k vocabulary) and makes the output-head product run in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ALL_LINEAR, RunConfig
+from ..errors import ModelError
+
+log = logging.getLogger(__name__)
+
+SAFE_WEIGHTS = ("*.safetensors",)
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    architecture: str
+    params: int
+    trainable_params: int
+    quantized_layers: int
+    lora_layers: int
+    target_modules: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def resolve_source(name_or_path: str, base_dir: Path | None = None) -> str:
+    """A local folder (relative paths resolve against ``base_dir``) or a hub id, unchanged."""
+    p = Path(name_or_path).expanduser()
+    if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
+        return str((base_dir / p).resolve())
+    if p.exists():
+        return str(p.resolve())
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ModelError("model folder not found", where=name_or_path, fix="Check the path, or give a hub id such as org/name.")
+    return name_or_path
+
+
+def check_local_model(folder: Path, allow_pickle: bool) -> None:
+    """Clear errors for a local folder that cannot be a loadable model, before anything is loaded."""
+    if not folder.is_dir():
+        raise ModelError("not a folder", where=str(folder), fix="Pick the folder that holds config.json and the weights.")
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise ModelError("no config.json in the model folder", where=str(folder), fix="Pick the folder that holds config.json and the weights.")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"config.json is not valid JSON ({exc})", where=str(cfg_file)) from None
+    if not isinstance(cfg, dict):
+        raise ModelError("config.json must hold a JSON object", where=str(cfg_file))
+    safe = [p for pat in SAFE_WEIGHTS for p in folder.glob(pat)]
+    pickled = [p for pat in PICKLE_WEIGHTS for p in folder.glob(pat)]
+    if not safe and not pickled:
+        raise ModelError("the model folder has no weights (*.safetensors)", where=str(folder), fix="Download or copy the model's weight files into it.")
+    if not safe and not allow_pickle:
+        raise ModelError(
+            "the model's weights are pickle files (.bin), which can run code when loaded",
+            where=str(folder),
+            fix="Convert them to safetensors, or allow it for this model with model.allow_pickle_weights = true.",
+        )
+    check_causal(cfg, str(cfg_file))
+
+
+def check_causal(cfg: dict[str, Any], where: str) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = cfg.get("architectures") or []
+    model_type = cfg.get("model_type")
+    if any(str(a).endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+        return
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not archs:
+        return
+    raise ModelError(
+        f"not a causal language model (architecture {', '.join(map(str, archs)) or model_type or 'unknown'})",
+        where=where,
+        fix="QLoRA Studio fine-tunes decoder models such as Llama, Mistral or Qwen (…ForCausalLM).",
+    )
+
+
+def linear4bit_names(model: torch.nn.Module) -> list[str]:
+    """The distinct leaf names of the quantized linear layers (the output head is never quantized)."""
+    import bitsandbytes as bnb
+
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    return sorted(names)
+
+
+def load_tokenizer(source: str, cfg: RunConfig):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load the tokenizer ({first_line(exc)})", where=source, fix="The model folder needs its tokenizer files.") from None
+    if tok.pad_token is None:
+        # Padding is masked out of the loss and the attention; any existing token will do.
+        tok.pad_token = tok.eos_token or tok.unk_token
+    if tok.pad_token is None:
+        raise ModelError("the tokenizer has neither a pad nor an end-of-sequence token", where=source)
+    tok.padding_side = "right"
+    return tok
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def quantization_config(cfg: RunConfig, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant.quant_type,
+        bnb_4bit_use_double_quant=cfg.quant.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def load_base(source: str, cfg: RunConfig, device: torch.device, dtype: torch.dtype, *, quantize: bool = True):
+    """The frozen base model: 4-bit NF4/FP4 through bitsandbytes, everything else in ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    local = Path(source).is_dir()
+    if local:
+        check_local_model(Path(source), cfg.model.allow_pickle_weights)
+    device_map = {"": device.index if device.type == "cuda" else "cpu"}
+    kwargs: dict[str, Any] = dict(
+        revision=cfg.model.revision,
+        dtype=dtype,
+        device_map=device_map,
+        trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation,
+        use_safetensors=None if cfg.model.allow_pickle_weights else True,
+    )
+    if quantize:
+        kwargs["quantization_config"] = quantization_config(cfg, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ModelError:
+        raise
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, AttributeError, TypeError) as exc:
+        msg = first_line(exc)
+        fix = "Check that the folder holds a complete model whose config matches its weights."
+        if "trust_remote_code" in msg:
+            fix = "This model needs its own code; allow it for this model with model.trust_remote_code = true."
+        raise ModelError(f"cannot load the model ({msg})", where=source, fix=fix) from None
+    if not local:
+        check_causal(model.config.to_dict(), source)
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def attach_lora(model, cfg: RunConfig):
+    """LoRA on the configured linear layers (all quantized linear layers by default)."""
+    from peft import LoraConfig, get_peft_model
+
+    available = linear4bit_names(model)
+    wanted = cfg.lora.target_modules
+    if ALL_LINEAR in wanted:
+        targets = available
+    else:
+        unknown = [m for m in wanted if m not in available]
+        if unknown:
+            raise ModelError(
+                f"lora.target_modules names {', '.join(unknown)}, which the model does not have",
+                fix=f"Its linear layers are: {', '.join(available)} (or use \"{ALL_LINEAR}\").",
+            )
+        targets = list(wanted)
+    if not targets:
+        raise ModelError("the model has no quantized linear layers to put LoRA on")
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, so the frozen embeddings
+        # stay as they are (no enable_input_require_grads hook).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, targets
+
+
+def load_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype, base_dir: Path | None = None):
+    """Base (4-bit) + LoRA + tokenizer, ready to train. Returns ``(model, tokenizer, info)``."""
+    source = resolve_source(cfg.model.name_or_path, base_dir)
+    tokenizer = load_tokenizer(source, cfg)
+    base = load_base(source, cfg, device, dtype)
+    quantized = count_linear4bit(base)
+    model, targets = attach_lora(base, cfg)
+    lora_layers = sum(1 for _, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(param_count(p) for p in model.parameters())
+    arch = (getattr(base.config, "architectures", None) or [type(base).__name__])[0]
+    info = ModelInfo(cfg.model.name_or_path, arch, total, trainable, quantized, lora_layers, targets)
+    return model, tokenizer, info
+
+
+def count_linear4bit(model) -> int:
+    import bitsandbytes as bnb
+
+    return sum(1 for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+
+
+def param_count(p: torch.Tensor) -> int:
+    """Logical parameter count: a packed 4-bit tensor holds two values per byte."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    if shape is not None:
+        return int(torch.Size(shape).numel())
+    return p.numel()

@@ -1,0 +1,375 @@
+"""The training loop: QLoRA as in Algorithm 2 of the paper, in one readable function.
+
+Per optimizer step: draw ``grad_accum_steps`` micro-batches, run forward and backward through the
+frozen 4-bit base and its LoRA adapters, normalise the loss by the number of learned tokens in the
+whole step (so accumulation gives the same gradient as one large batch), clip, step the paged
+optimizer and the schedule. Evaluate and checkpoint every N steps; honour a stop request after the
+current step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from .. import __version__, runs
+from ..config import RunConfig
+from ..events import EventWriter
+from . import checkpoint as ckpt
+from . import device as devices
+from .data import IGNORE, Batcher, Dataset, collate, load_dataset
+from .model import load_model
+
+log = logging.getLogger(__name__)
+
+LOSS_CHUNK_TOKENS = 4096
+
+
+# ----------------------------------------------------------------------------------------------
+# Stop requests
+
+
+class StopFlag:
+    """Set by a line ``stop`` on standard input, a STOP file in the run folder, or SIGTERM."""
+
+    def __init__(self, run_dir: Path):
+        self.stop_file = run_dir / runs.STOP
+        self._event = threading.Event()
+        self.reason = ""
+
+    def request(self, reason: str) -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    def is_set(self) -> bool:
+        if not self._event.is_set() and self.stop_file.exists():
+            self.request("stop file")
+        return self._event.is_set()
+
+    def watch_stdin(self, stream=None) -> None:
+        stream = stream or sys.stdin
+
+        def reader() -> None:
+            try:
+                for line in stream:
+                    if line.strip().lower() == "stop":
+                        self.request("stop requested")
+                        return
+            except (OSError, ValueError):
+                return
+            # Standard input closed: the supervising GUI went away. Training goes on headless;
+            # the GUI re-attaches through the run folder.
+
+        threading.Thread(target=reader, name="stdin-stop", daemon=True).start()
+
+    def clear_file(self) -> None:
+        try:
+            self.stop_file.unlink()
+        except FileNotFoundError:
+            pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces of the loop
+
+
+def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    t = cfg.train
+    kwargs = dict(lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+    if t.optimizer == "adamw_torch":
+        return torch.optim.AdamW(params, **kwargs)
+    import bitsandbytes as bnb
+
+    cls = {
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "adamw_32bit": bnb.optim.AdamW32bit,
+    }[t.optimizer]
+    return cls(params, **kwargs)
+
+
+def build_scheduler(cfg: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    t = cfg.train
+    warmup = t.warmup_steps
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if t.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if t.schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def plan_steps(cfg: RunConfig, n_train: int) -> int:
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps
+    return max(1, math.ceil(cfg.train.epochs * n_train / per_step))
+
+
+def count_learned(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor], impl: str = "standard") -> torch.Tensor:
+    """Summed next-token cross-entropy over the learned tokens of a micro-batch.
+
+    ``standard`` materialises the logits of every position (as transformers does). ``chunked``
+    computes the output head only for learned positions, a chunk at a time under activation
+    checkpointing, so the full-vocabulary logits never exist at once. Both give the same sum.
+    """
+    labels = batch["labels"][:, 1:]
+    if impl == "chunked":
+        base = model.get_base_model()
+        head = base.get_output_embeddings()
+        if head is not None and not getattr(base.config, "final_logit_softcapping", None):
+            hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+            y = labels.reshape(-1)
+            keep = (y != IGNORE).nonzero().squeeze(1)
+            h, y = h.index_select(0, keep), y.index_select(0, keep)
+            total = hidden.new_zeros((), dtype=torch.float32)
+            for start in range(0, h.shape[0], LOSS_CHUNK_TOKENS):
+                total = total + activation_checkpoint(
+                    _head_ce, h[start : start + LOSS_CHUNK_TOKENS], y[start : start + LOSS_CHUNK_TOKENS], head.weight,
+                    use_reentrant=False,
+                )
+            return total
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+
+
+def _head_ce(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(F.linear(h, weight).float(), y, reduction="sum")
+
+
+@torch.no_grad()
+def evaluate(model, examples, cfg: RunConfig, pad_id: int, device: torch.device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    size = cfg.train.micro_batch_size
+    for start in range(0, len(examples), size):
+        batch = {k: v.to(device) for k, v in collate(examples[start : start + size], pad_id).items()}
+        total += float(loss_sum(model, batch, cfg.train.loss_impl))
+        count += count_learned(batch["labels"])
+    model.train()
+    return total / max(1, count)
+
+
+def versions() -> dict[str, str]:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    return {
+        "qlora_studio": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "",
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+    }
+
+
+def make_paging_collector(device: torch.device):
+    """CUPTI paging counters when the monitor package can provide them; otherwise none."""
+    try:
+        from ..monitor.paging import make_collector
+    except ImportError as exc:
+        return _NoPaging(f"paging collector not available ({exc})")
+    try:
+        return make_collector(enabled=device.type == "cuda", device=device)
+    except Exception as exc:  # the monitor must never stop training
+        return _NoPaging(f"paging counters failed to start ({exc})")
+
+
+class _NoPaging:
+    def __init__(self, reason: str):
+        self.unavailable = reason
+
+    def phase(self, name: str):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def flush(self, step: int) -> list[dict[str, Any]]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class Outcome:
+    status: str  # finished or stopped
+    step: int
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: Path, events: EventWriter, stop: StopFlag,
+                 base_dir: Path | None = None, resume: bool = False):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.events = events
+        self.stop = stop
+        self.base_dir = base_dir
+        self.resume = resume
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.is_main = self.rank == 0
+
+    def run(self) -> Outcome:
+        cfg = self.cfg
+        t0 = time.time()
+        torch.manual_seed(cfg.train.seed)
+        device = devices.resolve_device(cfg.train.device)
+        dtype = devices.resolve_compute_dtype(cfg.quant.compute_dtype, device)
+        log.info("loading %s on %s (%s)", cfg.model.name_or_path, device, dtype)
+
+        model, tokenizer, info = load_model(cfg, device, dtype, self.base_dir)
+        data: Dataset = load_dataset(cfg.data, tokenizer, self.base_dir)
+        total_steps = plan_steps(cfg, len(data.train))
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(cfg, params)
+        scheduler = build_scheduler(cfg, optimizer, total_steps)
+        pad_id = tokenizer.pad_token_id
+        batcher = Batcher(data.train, cfg.train.micro_batch_size, cfg.train.seed, pad_id)
+        step, tokens_seen = 0, 0
+
+        ckpt.clean_temporary(self.run_dir)
+        latest = runs.latest_checkpoint(self.run_dir) if self.resume else None
+        if latest is not None:
+            state = ckpt.load(latest, model, optimizer, scheduler)
+            step, tokens_seen = state["step"], state["tokens"]
+            batcher = Batcher(data.train, cfg.train.micro_batch_size, cfg.train.seed, pad_id, **state["data"])
+            log.info("resumed from %s at step %d", latest.name, step)
+
+        self.events.emit(
+            "run_started",
+            run_dir=str(self.run_dir),
+            config=cfg.to_dict(),
+            model=info.to_dict(),
+            device={**devices.describe(device, dtype), "pid": os.getpid()},
+            versions=versions(),
+            plan={"max_steps": total_steps, "resumed_from": step, "tokens_per_step_max": cfg.train.micro_batch_size
+                  * cfg.train.grad_accum_steps * cfg.data.max_seq_len},
+        )
+        self.events.emit("data_ready", **data.summary(cfg.data.max_seq_len))
+        if data.truncated:
+            log.warning("%d examples were longer than max_seq_len=%d and were truncated", data.truncated, cfg.data.max_seq_len)
+
+        paging = make_paging_collector(device)
+        if paging.unavailable:
+            log.info("Paging counters unavailable: %s", paging.unavailable)
+            self.events.emit("log", level="info", message=f"Paging counters unavailable: {paging.unavailable}")
+
+        def save_checkpoint() -> Path | None:
+            if not self.is_main:
+                return None
+            state = {"step": step, "tokens": tokens_seen, "data": batcher.position(), "max_steps": total_steps,
+                     "micro_batch_size": cfg.train.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps}
+            path = ckpt.save(self.run_dir, model, optimizer, scheduler, state, cfg.train.keep_checkpoints)
+            self.events.emit("checkpoint", step=step, path=str(path))
+            return path
+
+        model.train()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        last_loss = float("nan")
+        try:
+            while step < total_steps:
+                if self.stop.is_set():
+                    path = save_checkpoint()
+                    self.stop.clear_file()
+                    self.events.emit("stopped", step=step, checkpoint=str(path) if path else None, reason=self.stop.reason)
+                    return Outcome("stopped", step)
+                start = time.perf_counter()
+                batches = [collate(batcher.next(), pad_id) for _ in range(cfg.train.grad_accum_steps)]
+                n_learned = sum(count_learned(b["labels"]) for b in batches)
+                step_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+                step_loss = 0.0
+                for b in batches:
+                    b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+                    with paging.phase("forward"):
+                        loss = loss_sum(model, b, cfg.train.loss_impl) / max(1, n_learned)
+                    with paging.phase("backward"):
+                        loss.backward()
+                    step_loss += float(loss.detach())
+                if cfg.train.max_grad_norm > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
+                else:
+                    grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+                lr = scheduler.get_last_lr()[0]
+                with paging.phase("optimizer"):
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                step += 1
+                tokens_seen += step_tokens
+                step_s = time.perf_counter() - start
+                last_loss = step_loss
+                if self.is_main and (step % max(1, cfg.train.log_every) == 0 or step == total_steps):
+                    self.events.emit(
+                        "step", step=step, epoch=round(batcher.epoch_float, 4), loss=step_loss, lr=lr,
+                        grad_norm=grad_norm, tokens=tokens_seen, tokens_per_s=step_tokens / step_s if step_s > 0 else None,
+                        step_s=step_s, **devices.memory_stats(device),
+                    )
+                for record in paging.flush(step):
+                    self.events.emit("paging", step=step, **record)
+                if data.val and cfg.train.eval_every and step % cfg.train.eval_every == 0 and self.is_main:
+                    val = evaluate(model, data.val, cfg, pad_id, device)
+                    self.events.emit("eval", step=step, loss=val, perplexity=math.exp(min(val, 50)))
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
+                    save_checkpoint()
+        finally:
+            paging.close()
+
+        eval_loss = None
+        if data.val and self.is_main:
+            eval_loss = evaluate(model, data.val, cfg, pad_id, device)
+            self.events.emit("eval", step=step, loss=eval_loss, perplexity=math.exp(min(eval_loss, 50)))
+        adapter = self.save_adapter(model, tokenizer) if self.is_main else None
+        self.events.emit(
+            "finished", step=step, adapter=str(adapter) if adapter else None, train_loss=last_loss, eval_loss=eval_loss,
+            tokens=tokens_seen, duration_s=time.time() - t0,
+        )
+        return Outcome("finished", step)
+
+    def save_adapter(self, model, tokenizer) -> Path:
+        """The final adapter, atomically: a run folder with ``adapter/`` is a finished run."""
+        final = self.run_dir / runs.ADAPTER
+        tmp = self.run_dir / f"{ckpt.TMP_PREFIX}{runs.ADAPTER}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        return final
