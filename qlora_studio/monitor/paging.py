@@ -255,13 +255,13 @@ class CuptiPagingCollector:
     # ---- helpers ------------------------------------------------------------------------
 
     def _phase_at(self, ts: int) -> str:
-        """The phase whose interval holds ``ts`` (intervals are in time order and do not overlap)."""
+        """The phase whose interval ``[start, end)`` holds ``ts`` (in time order, not overlapping)."""
         if self._open is not None and ts >= self._open[0]:
             return self._open[1]
         i = bisect.bisect_right(self._starts, ts) - 1
         if i >= 0:
             start, end, name = self._intervals[i]
-            if start <= ts <= end:
+            if start <= ts < end:
                 return name
         return OTHER
 
