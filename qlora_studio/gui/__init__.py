@@ -1,0 +1,10 @@
+"""The desktop app: PySide6 widgets over the plain layer, with training in a separate process.
+
+The GUI process never imports torch (nor transformers, peft, bitsandbytes) at start-up and never
+touches CUDA: a run is a worker process (``python -m qlora_studio train ... --events``) watched by
+:mod:`qlora_studio.gui.supervisor`, so a crash in native code cannot take the window down and every
+byte of GPU memory goes back when the run ends. Jobs that need a tokenizer run in a subprocess too
+(:mod:`qlora_studio.gui.dataset_scan`).
+
+Start it with ``qlora-studio`` or ``python -m qlora_studio.gui``.
+"""

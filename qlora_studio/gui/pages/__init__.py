@@ -1,0 +1,1 @@
+"""The main window's pages: Model, Dataset, Training, GPU Monitor, Export, Runs."""

@@ -1,0 +1,331 @@
+"""The training supervisor: a QThread that runs the worker process and turns its output into signals.
+
+Training runs in its own process (``python -m qlora_studio train CONFIG --output RUN_DIR --events``)
+so that a crash in native code cannot take the window down and all GPU memory is returned when the
+run ends. This thread reads the worker's standard output line by line; each event line becomes an
+``event`` signal, anything else and the worker's standard error become ``log_line`` signals.
+
+Closing the window during a run can also *detach*: the thread lets go and the worker trains on by
+itself (its standard input closes, which the worker ignores; its events still go to the run folder).
+
+Stop follows the worker contract: a line ``stop`` on the worker's standard input and a file
+``RUN_DIR/STOP`` (either is enough; both cover a worker that is busy or not reading its input).
+The worker then finishes the current step, writes a checkpoint and exits with code 3. If it has
+not exited after a grace period (default 60 s), its process group is killed. The ``run_ended``
+signal's :class:`RunResult` says which of the two happened.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QObject, QThread, Signal
+
+from .. import events as ev
+from .. import runs
+from . import jobs
+
+DEFAULT_GRACE_S = 60.0
+PIPE_DRAIN_S = 2.0  # after the worker exits, how long to wait for its pipes to close
+
+EXIT_FINISHED, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
+
+
+class Outcome(str, enum.Enum):
+    FINISHED = "finished"  # exit 0: trained to the end, adapter written
+    STOPPED = "stopped"  # exit 3 after a stop request: checkpoint written
+    KILLED = "killed"  # did not stop within the grace period, or the person chose to kill it
+    FAILED = "failed"  # exit 2 (bad input) or 1 (internal error)
+    CRASHED = "crashed"  # ended by a signal, or an exit code outside the contract
+    DETACHED = "detached"  # the window let go of a worker that trains on in the background
+
+
+@dataclass
+class RunResult:
+    outcome: Outcome
+    exit_code: int | None
+    run_dir: Path
+    message: str
+    failure: dict[str, Any] | None = None  # the worker's ``failed`` event, if it sent one
+    last_event: dict[str, Any] | None = None  # the terminal event (stopped/finished/failed)
+    stderr_tail: list[str] = field(default_factory=list)
+
+
+def _pump(name: str, stream: Any, lines: queue.Queue[tuple[str, str | None]]) -> None:
+    """Copy a pipe's lines into the queue; ``None`` marks its end."""
+    try:
+        for line in stream:
+            line = line.rstrip("\n")
+            if line.strip():
+                lines.put((name, line))
+    except (OSError, ValueError):
+        pass
+    lines.put((name, None))
+
+
+def worker_command(config_path: Path | None, run_dir: Path, *, resume: bool = False, max_steps: int | None = None) -> list[str]:
+    """The worker's argument list, per the contract in docs/architecture.md."""
+    argv = [sys.executable, "-m", "qlora_studio", "train"]
+    if resume:
+        argv += ["--resume", str(run_dir)]
+    else:
+        if config_path is None:
+            raise ValueError("a new run needs a configuration file")
+        argv += [str(config_path), "--output", str(run_dir)]
+    if max_steps is not None:
+        argv += ["--max-steps", str(max_steps)]
+    return argv + ["--events"]
+
+
+class Supervisor(QThread):
+    """Runs one worker process from start to end. Create a new one for each run."""
+
+    event = Signal(object)  # a parsed event dict
+    log_line = Signal(str)  # a line of the worker's standard error (or a stray stdout line)
+    worker_started = Signal(int)  # the worker's process id
+    stop_escalated = Signal(str)  # the grace period ran out: says so before killing
+    run_ended = Signal(object)  # RunResult
+
+    def __init__(
+        self,
+        argv: list[str],
+        run_dir: Path,
+        *,
+        grace_s: float = DEFAULT_GRACE_S,
+        env: dict[str, str] | None = None,
+        parent: QObject | None = None,
+    ):
+        super().__init__(parent)
+        self.argv = list(argv)
+        self.run_dir = Path(run_dir)
+        self.grace_s = float(grace_s)
+        self.env = jobs.python_env(env)
+        self._proc: subprocess.Popen[str] | None = None
+        self._lock = threading.Lock()
+        self._stop_requested = False
+        self._killed_by: str | None = None  # "grace" or "user"
+        self._grace_timer: threading.Timer | None = None
+        self._stderr_tail: list[str] = []
+        self._detached = False
+        jobs.register(self)
+
+    # ------------------------------------------------------------------ called from the GUI thread
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
+    def request_stop(self) -> bool:
+        """Ask the worker to stop after the current step; kill it if it has not after ``grace_s``.
+
+        Returns False when there is nothing to stop (not started, already ended, already asked).
+        """
+        with self._lock:
+            proc = self._proc
+            if proc is None or proc.poll() is not None or self._stop_requested:
+                return False
+            self._stop_requested = True
+            try:
+                if self.run_dir.is_dir():
+                    (self.run_dir / runs.STOP).touch()
+            except OSError:
+                pass  # standard input still reaches it
+            try:
+                assert proc.stdin is not None
+                proc.stdin.write("stop\n")
+                proc.stdin.flush()
+            except (OSError, ValueError):
+                pass  # the worker closed its input; the STOP file still reaches it
+            self._grace_timer = threading.Timer(self.grace_s, self._grace_expired)
+            self._grace_timer.daemon = True
+            self._grace_timer.start()
+            return True
+
+    def kill(self) -> None:
+        """End the worker now (its last periodic checkpoint, if any, stays)."""
+        self._kill("user")
+
+    # ------------------------------------------------------------------ the thread
+
+    def run(self) -> None:
+        popen_kwargs: dict[str, Any] = {}
+        if os.name == "posix":
+            popen_kwargs["start_new_session"] = True  # its own process group: one kill ends it all
+        else:
+            popen_kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+        try:
+            proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                bufsize=1,
+                env=self.env,
+                **popen_kwargs,
+            )
+        except OSError as exc:
+            self.run_ended.emit(
+                RunResult(Outcome.CRASHED, None, self.run_dir, f"Could not start the training worker: {exc}")
+            )
+            return
+        with self._lock:
+            self._proc = proc
+        self.worker_started.emit(proc.pid)
+
+        # One daemon thread per pipe feeds a queue, so this loop can also notice a detach request
+        # and a chatty standard error can never block the worker on a full pipe.
+        lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
+        for name, stream in (("out", proc.stdout), ("err", proc.stderr)):
+            threading.Thread(target=_pump, args=(name, stream, lines), daemon=True, name=f"worker-{name}").start()
+
+        terminal: dict[str, Any] | None = None
+        failure: dict[str, Any] | None = None
+        open_pipes = 2
+        exited_at: float | None = None
+        while open_pipes and not self._detached:
+            try:
+                name, line = lines.get(timeout=0.25)
+            except queue.Empty:
+                # A grandchild that inherited the pipes could hold them open after the worker
+                # exits; do not wait for it for ever.
+                if proc.poll() is not None:
+                    exited_at = exited_at or time.monotonic()
+                    if time.monotonic() - exited_at > PIPE_DRAIN_S:
+                        break
+                continue
+            if line is None:
+                open_pipes -= 1
+                continue
+            if name == "err":
+                self._stderr_tail = (self._stderr_tail + [line])[-20:]
+                self.log_line.emit(line)
+                continue
+            event = ev.parse_line(line)
+            if event is None:
+                self.log_line.emit(line)
+                continue
+            if event.get("type") in ev.TERMINAL_TYPES:
+                terminal = event
+                if event["type"] == "failed":
+                    failure = event
+            self.event.emit(event)
+
+        if self._detached:
+            # The worker trains on without us: its events still go to RUN_DIR/events.jsonl.
+            with self._lock:
+                if self._grace_timer is not None:
+                    self._grace_timer.cancel()
+            self.run_ended.emit(RunResult(
+                Outcome.DETACHED, None, self.run_dir,
+                f"Training continues in the background (process {proc.pid}); the Runs page lists it.",
+            ))
+            return
+
+        exit_code = proc.wait()
+        with self._lock:
+            if self._grace_timer is not None:
+                self._grace_timer.cancel()
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                try:
+                    if stream is not None:
+                        stream.close()
+                except OSError:
+                    pass
+        self._remove_stale_stop_file()
+        self.run_ended.emit(self._result(exit_code, terminal, failure))
+
+    def detach(self) -> None:
+        """Stop watching and leave the worker training on its own (the window is closing)."""
+        self._detached = True
+
+    # ------------------------------------------------------------------ helpers
+
+    def _grace_expired(self) -> None:
+        with self._lock:
+            alive = self._proc is not None and self._proc.poll() is None
+        if alive:
+            self.stop_escalated.emit(
+                f"The worker did not stop within {self.grace_s:g} s of the stop request; killing it."
+            )
+            self._kill("grace")
+
+    def _kill(self, by: str) -> None:
+        with self._lock:
+            proc = self._proc
+            if proc is None or proc.poll() is not None:
+                return
+            self._killed_by = self._killed_by or by
+            try:
+                if os.name == "posix":
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    proc.kill()
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _remove_stale_stop_file(self) -> None:
+        """A STOP file the worker never honoured (it was killed) would stop a resumed run at once."""
+        try:
+            (self.run_dir / runs.STOP).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def _result(self, code: int, terminal: dict[str, Any] | None, failure: dict[str, Any] | None) -> RunResult:
+        tail = list(self._stderr_tail)
+        common = dict(exit_code=code, run_dir=self.run_dir, failure=failure, last_event=terminal, stderr_tail=tail)
+        if self._killed_by == "grace":
+            ckpt = runs.latest_checkpoint(self.run_dir)
+            kept = f" The last checkpoint ({ckpt.name}) is kept." if ckpt else " No checkpoint had been written."
+            return RunResult(
+                Outcome.KILLED,
+                message=f"The worker did not stop within the {self.grace_s:g} s grace period and was killed.{kept}",
+                **common,
+            )
+        if self._killed_by == "user":
+            return RunResult(Outcome.KILLED, message="The worker was killed on request.", **common)
+        if code == EXIT_FINISHED:
+            adapter = (terminal or {}).get("adapter")
+            where = f" Adapter: {adapter}" if adapter else ""
+            return RunResult(Outcome.FINISHED, message=f"Training finished.{where}", **common)
+        if code == EXIT_STOPPED:
+            info = terminal or {}
+            ckpt = info.get("checkpoint")
+            at = f" at step {info['step']}" if info.get("step") is not None else ""
+            saved = f"; checkpoint saved: {ckpt}" if ckpt else ""
+            return RunResult(Outcome.STOPPED, message=f"Stopped gracefully{at}{saved}.", **common)
+        if code in (EXIT_BAD_INPUT, EXIT_INTERNAL):
+            if failure is not None:
+                message = str(failure.get("message") or "The run failed.")
+            elif tail:
+                message = tail[-1]
+            else:
+                message = f"The worker exited with code {code}."
+            return RunResult(Outcome.FAILED, message=message, **common)
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            message = f"The worker was ended by {name}."
+        else:
+            message = f"The worker exited with unexpected code {code}."
+        if tail:
+            message += f" Last output: {tail[-1]}"
+        return RunResult(Outcome.CRASHED, message=message, **common)
