@@ -21,6 +21,7 @@ module on a machine without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -400,8 +401,7 @@ class NvmlSampler:
             self._backoff = self.backoff_first_s
             names = ", ".join(gpu.name for gpu in self.reader.gpus)
             self._set_status(MonitorStatus("ok", f"Watching {names}"))
-        for listener in list(self.on_samples):
-            listener(samples)
+        self._notify(self.on_samples, samples)
         return self.interval_s
 
     def _failed(self, now: float, exc: BaseException, what: str) -> float:
@@ -436,8 +436,17 @@ class NvmlSampler:
 
     def _set_status(self, status: MonitorStatus) -> None:
         self._status = status
-        for listener in list(self.on_status):
-            listener(status)
+        self._notify(self.on_status, status)
+
+    def _notify(self, listeners: list[Callable[[Any], None]], value: Any) -> None:
+        """Call listeners; one that raises (say, a closed window's) is dropped, not fatal."""
+        for listener in list(listeners):
+            try:
+                listener(value)
+            except Exception:  # noqa: BLE001
+                log.debug("GPU monitor: dropping a listener that raised", exc_info=True)
+                with contextlib.suppress(ValueError):
+                    listeners.remove(listener)
 
     # ---- the thread -----------------------------------------------------------------------
 
