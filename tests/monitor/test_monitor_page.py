@@ -117,6 +117,17 @@ def test_a_new_run_clears_the_previous_one(make_page):
     assert _points(page.curves["reserved"]) == 0
 
 
+def test_reset_forgets_the_run_but_not_the_card(make_page):
+    page, sampler = make_page(FakeNvml())
+    sampler.tick()
+    _feed(page)
+    page.reset()
+    page.refresh()
+    assert page.paging_status.text() == "Paging: none" and page.paging_table.rowCount() == 0
+    assert _points(page.curves["allocated"]) == 0
+    assert _points(page.curves["used"]) == 1
+
+
 def test_the_estimated_peak_is_a_dashed_line(make_page):
     page, _ = make_page()
     page.set_estimated_peak(int(7.5 * GIB))

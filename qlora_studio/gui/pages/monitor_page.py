@@ -275,12 +275,8 @@ class MonitorPage(QWidget):
         kind = event.get("type")
         t = float(event.get("time") or time.time())
         if kind == "run_started":
+            self.reset()
             self._device = dict(event.get("device") or {})
-            self._alloc.clear()
-            self._markers.clear()
-            self._paged_state = None
-            self.paging = PagingSummary()
-            self.paging_table.setRowCount(0)
         elif kind == "step":
             self._alloc.add(t, {
                 "allocated": event.get("mem_allocated"),
@@ -296,6 +292,17 @@ class MonitorPage(QWidget):
             self._show_paging_status()
         if kind in ("run_started", "step", "paging"):
             self._schedule_redraw()
+
+    def reset(self) -> None:
+        """Forget the previous run's allocator figures and paging events (the card's history stays)."""
+        self._device = {}
+        self._alloc.clear()
+        self._markers.clear()
+        self._paged_state = None
+        self.paging = PagingSummary()
+        self.paging_table.setRowCount(0)
+        self._show_paging_status()
+        self._schedule_redraw()
 
     def shutdown(self) -> None:
         """Stop sampling (the application is closing)."""
