@@ -178,8 +178,8 @@ def render_card(source: ExportSource, info: CardInfo, has_curve: bool) -> str:
 
     lines += ["", "## Configuration", ""]
     targets = adapter_cfg.get("target_modules")
-    if isinstance(targets, list):
-        targets = ", ".join(sorted(targets))
+    if isinstance(targets, list):  # PEFT may save full module paths; the layer names are what matter
+        targets = ", ".join(sorted({t.rsplit(".", 1)[-1] for t in targets}))
     rows: list[tuple[str, Any]] = [
         ("LoRA rank / alpha / dropout", f"{adapter_cfg.get('r')} / {adapter_cfg.get('lora_alpha')} / {adapter_cfg.get('lora_dropout')}"),
         ("LoRA target modules", f"`{targets}`"),
@@ -208,7 +208,13 @@ def render_card(source: ExportSource, info: CardInfo, has_curve: bool) -> str:
                   f"* `{g['model']}` — the merged model ({g['dtype']}, llama.cpp architecture `{g['arch']}`).",
                   f"* `{g['adapter']}` — the LoRA adapter alone, for llama.cpp's `--lora` on a {g['dtype']} GGUF of the base model"
                   + (f" (`{g['base']}`)." if g.get("base") else ".")]
-        lines += ["* `Modelfile` — for Ollama: `ollama create NAME -f Modelfile`.", "",
+        lines += ["* `Modelfile` — for Ollama: `ollama create NAME -f Modelfile`."]
+        if g.get("default_template"):
+            lines += ["", "The base tokenizer has no chat template; the model was trained with QLoRA Studio's default "
+                      "prompt format (`### User:` / `### Assistant:`), which the GGUF carries as its chat template."]
+        for warning in g.get("warnings", []):
+            lines += ["", f"**Note:** {warning}."]
+        lines += ["",
                   "```sh", f"llama-cli -m {g['model']} -p \"Hello\"", "```"]
     lines += ["", "## Usage", ""] + _usage(info, source)
 

@@ -148,7 +148,9 @@ class MergePlan:
     def total_bytes(self) -> int:
         return sum(s.nbytes for s in self.specs)
 
-    def merge_one(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def merge_one(self, name: str, tensor: torch.Tensor, apply_adapter: bool = True) -> torch.Tensor:
+        if not apply_adapter:
+            return tensor.to(self._out_dtype(tensor.dtype))
         if name in self.quantized:
             tensor = self.quant.roundtrip(tensor)
         if name in self.adapter.pairs:
@@ -157,13 +159,14 @@ class MergePlan:
             return merged.to(self.dtype)
         return tensor.to(self._out_dtype(tensor.dtype))
 
-    def tensors(self, progress: Progress | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, merged tensor)`` in the order of :attr:`specs`."""
+    def tensors(self, progress: Progress | None = None, apply_adapter: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, merged tensor)`` in the order of :attr:`specs`; the base's own weights (in the
+        output dtype) with ``apply_adapter=False``."""
         done, total = 0, max(self.total_bytes, 1)
         for file in self.files:
             with SafetensorsReader(file) as reader:
                 for name in reader.names():
-                    merged = self.merge_one(name, reader.read(name))
+                    merged = self.merge_one(name, reader.read(name), apply_adapter)
                     yield name, merged
                     done += merged.numel() * merged.element_size()
                     if progress is not None:
