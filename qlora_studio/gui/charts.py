@@ -2,10 +2,9 @@
 
 Two measures keep the window responsive (see bench/gui_latency.py for the figures):
 
-* **Bounded memory.** Each curve's points live in a :class:`DecimatingSeries` of fixed capacity.
-  When it is full, the older three quarters are averaged in pairs; the newest quarter stays at full
-  resolution. Memory is constant, recent detail is exact and old history gets coarser, which is
-  all a chart a few hundred pixels wide can show anyway.
+* **Bounded memory.** Each curve's points live in a :class:`DecimatingSeries` of fixed capacity:
+  the newest quarter exactly, older history as evenly spaced means that get coarser as the run
+  grows. Memory is constant and a chart a few hundred pixels wide loses nothing it could show.
 * **Coalesced redraws.** Events only append to the series; a timer pushes the dirty curves to
   pyqtgraph a few times per second, so 20 (or 2000) events per second cost the same drawing.
 """
@@ -26,56 +25,108 @@ SMOOTHING = 0.9  # the exponential moving average's weight on history, as in Ten
 
 
 class DecimatingSeries:
-    """Append-only (x, y) points in fixed memory; old points are merged in pairs when full."""
+    """Append-only (x, y) points in fixed memory: exact recent points, evenly thinned history.
+
+    The newest quarter of ``capacity`` points is kept exactly, in a ring. Older points move into a
+    history of evenly spaced means: each history point stands for ``stride`` consecutive points;
+    when the history is full, neighbours are merged in pairs (weighted by how many points each
+    stands for, so every mean stays exact) and the stride doubles.
+    """
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY):
         if capacity < 8:
             raise ValueError("capacity must be at least 8")
         self.capacity = capacity
-        self._x = np.empty(capacity, dtype=np.float64)
-        self._y = np.empty(capacity, dtype=np.float64)
-        self._n = 0
-        self.appended = 0  # every point ever appended, merged or not
+        self._recent_cap = capacity // 4
+        self._hist_cap = (capacity - self._recent_cap) // 2 * 2
+        self._rx = np.empty(self._recent_cap)
+        self._ry = np.empty(self._recent_cap)
+        self._r0 = 0  # index of the oldest recent point
+        self._rn = 0
+        self._hx = np.empty(self._hist_cap)
+        self._hy = np.empty(self._hist_cap)
+        self._hw = np.empty(self._hist_cap)  # how many points each history point stands for
+        self._hn = 0
+        self.stride = 1
+        self._acc = [0.0, 0.0, 0]  # sum of x, sum of y, count: points on their way into history
+        self.appended = 0  # every point ever appended
 
     def __len__(self) -> int:
-        return self._n
+        return self._hn + (1 if self._acc[2] else 0) + self._rn
 
     def append(self, x: float, y: float) -> None:
-        if self._n == self.capacity:
-            self._compact()
-        self._x[self._n] = x
-        self._y[self._n] = y
-        self._n += 1
+        if self._rn == self._recent_cap:
+            self._to_history(self._rx[self._r0], self._ry[self._r0])
+            self._r0 = (self._r0 + 1) % self._recent_cap
+            self._rn -= 1
+        i = (self._r0 + self._rn) % self._recent_cap
+        self._rx[i] = x
+        self._ry[i] = y
+        self._rn += 1
         self.appended += 1
 
-    def _compact(self) -> None:
-        keep = self.capacity // 4  # the newest points, kept exact
-        old = (self._n - keep) // 2 * 2  # an even count of older points, merged in pairs
-        tail_start = old
-        merged = old // 2
-        self._x[:merged] = self._x[:old].reshape(-1, 2).mean(axis=1)
-        self._y[:merged] = self._y[:old].reshape(-1, 2).mean(axis=1)
-        rest = self._n - tail_start
-        self._x[merged : merged + rest] = self._x[tail_start : self._n]
-        self._y[merged : merged + rest] = self._y[tail_start : self._n]
-        self._n = merged + rest
+    def _to_history(self, x: float, y: float) -> None:
+        acc = self._acc
+        acc[0] += x
+        acc[1] += y
+        acc[2] += 1
+        if acc[2] < self.stride:
+            return
+        if self._hn == self._hist_cap:
+            self._merge_pairs()
+        n = acc[2]
+        self._hx[self._hn] = acc[0] / n
+        self._hy[self._hn] = acc[1] / n
+        self._hw[self._hn] = n
+        self._hn += 1
+        self._acc = [0.0, 0.0, 0]
+
+    def _merge_pairs(self) -> None:
+        n = self._hn // 2
+        w = self._hw[: 2 * n].reshape(-1, 2)
+        total = w.sum(axis=1)
+        for values in (self._hx, self._hy):
+            pairs = values[: 2 * n].reshape(-1, 2)
+            values[:n] = (pairs * w).sum(axis=1) / total
+        self._hw[:n] = total
+        self._hn = n
+        self.stride *= 2
 
     def data(self) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of the points (pyqtgraph keeps the arrays it is given)."""
-        return self._x[: self._n].copy(), self._y[: self._n].copy()
+        """The points in order, as new arrays (pyqtgraph keeps the arrays it is given)."""
+        order = (self._r0 + np.arange(self._rn)) % self._recent_cap
+        parts_x = [self._hx[: self._hn]]
+        parts_y = [self._hy[: self._hn]]
+        if self._acc[2]:
+            parts_x.append(np.array([self._acc[0] / self._acc[2]]))
+            parts_y.append(np.array([self._acc[1] / self._acc[2]]))
+        parts_x.append(self._rx[order])
+        parts_y.append(self._ry[order])
+        return np.concatenate(parts_x), np.concatenate(parts_y)
+
+    def weights(self) -> np.ndarray:
+        """How many appended points each point of :meth:`data` stands for (they sum to ``appended``)."""
+        parts = [self._hw[: self._hn]]
+        if self._acc[2]:
+            parts.append(np.array([float(self._acc[2])]))
+        parts.append(np.ones(self._rn))
+        return np.concatenate(parts)
 
     def last(self) -> tuple[float, float] | None:
-        if not self._n:
+        if not self._rn:
             return None
-        return float(self._x[self._n - 1]), float(self._y[self._n - 1])
+        i = (self._r0 + self._rn - 1) % self._recent_cap
+        return float(self._rx[i]), float(self._ry[i])
 
     def clear(self) -> None:
-        self._n = 0
+        self._r0 = self._rn = self._hn = 0
+        self.stride = 1
+        self._acc = [0.0, 0.0, 0]
         self.appended = 0
 
     @property
     def nbytes(self) -> int:
-        return self._x.nbytes + self._y.nbytes
+        return sum(a.nbytes for a in (self._rx, self._ry, self._hx, self._hy, self._hw))
 
 
 class Ema:

@@ -32,6 +32,10 @@ DEFAULT_PREVIEW = 20
 EOS_MARKER = "</s>"
 
 
+def _error(exc: UserError) -> dict[str, Any]:
+    return {"what": exc.what, "where": exc.where, "fix": exc.fix, "kind": exc.kind}
+
+
 def _tokenizer(request: dict[str, Any]):
     from ..engine.data import chat_renderer
     from ..engine.model import load_tokenizer, resolve_source
@@ -63,16 +67,21 @@ def scan(request: dict[str, Any]) -> dict[str, Any]:
 
     try:
         records = load_records(data_cfg.path, data_cfg.split, limit + 1)
-        answer["limited"] = len(records) > limit
-        records = records[:limit]
-        fmt = detect(records, data_cfg, data_cfg.path)
     except UserError as exc:
-        answer["error"] = {"what": exc.what, "where": exc.where, "fix": exc.fix, "kind": exc.kind}
+        answer["error"] = _error(exc)
         return answer
+    answer["limited"] = len(records) > limit
+    records = records[:limit]
     columns: list[str] = []
     for record in records[:100]:
         columns.extend(k for k in record.data if k not in columns)
-    answer.update(format=fmt, columns=columns, examples=len(records))
+    answer.update(columns=columns, examples=len(records))
+    try:
+        fmt = detect(records, data_cfg, data_cfg.path)
+    except UserError as exc:
+        answer["error"] = _error(exc)  # with the columns found, so they can be mapped
+        return answer
+    answer["format"] = fmt
 
     tokenizer = render = None
     if request.get("model"):
@@ -91,7 +100,7 @@ def scan(request: dict[str, Any]) -> dict[str, Any]:
                 record.data, fmt, data_cfg.columns, record.where, eos, render, data_cfg.train_on_prompt
             )
         except UserError as exc:
-            answer["error"] = {"what": exc.what, "where": exc.where, "fix": exc.fix, "kind": exc.kind}
+            answer["error"] = _error(exc)
             return answer
         row: dict[str, Any] | None = None
         if index < preview_rows:

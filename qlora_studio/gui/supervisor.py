@@ -92,7 +92,7 @@ class Supervisor(QThread):
 
     event = Signal(object)  # a parsed event dict
     log_line = Signal(str)  # a line of the worker's standard error (or a stray stdout line)
-    worker_started = Signal(int)  # the worker's process id
+    worker_started = Signal(object)  # the worker's process id (int)
     stop_escalated = Signal(str)  # the grace period ran out: says so before killing
     run_ended = Signal(object)  # RunResult
 

@@ -1,5 +1,5 @@
-"""Fixtures for the desktop app's tests: an offscreen Qt platform, the real demo, isolated app homes,
-and a guard that fails a test which leaves a background thread or a worker process running."""
+"""Fixtures for the desktop app's tests: an offscreen Qt platform, isolated app homes holding the
+real demo, and a guard that fails a test which leaves a background thread or a worker process running."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,29 +20,13 @@ from PySide6.QtWidgets import QApplication
 
 from qlora_studio.gui import jobs
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real demo (tiny random Llama, tokenizer, sample data, config), built once per session."""
-    folder = tmp_path_factory.mktemp("demo-src") / "demo"
-    subprocess.run(
-        [sys.executable, "-m", "qlora_studio", "demo", str(folder)],
-        check=True,
-        env=jobs.python_env(),
-        cwd=REPO,
-        timeout=300,
-    )
-    return folder
-
 
 @pytest.fixture
-def app_home(tmp_path: Path, demo_dir: Path) -> Path:
-    """A fresh data folder for one app instance, with the demo already in place."""
+def app_home(tmp_path: Path, demo_template: Path) -> Path:
+    """A fresh data folder for one app instance, with the demo (tests/conftest.py) in place."""
     home = tmp_path / "home"
     home.mkdir()
-    shutil.copytree(demo_dir, home / "demo")
+    shutil.copytree(demo_template, home / "demo")
     return home
 
 

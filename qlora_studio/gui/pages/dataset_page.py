@@ -56,18 +56,25 @@ LEARNED_STYLE = "color:#0b3d0b; background-color:#c9efc9;"
 
 
 def quick_check(path: str, fmt: str, columns: dict[str, str]) -> dict[str, Any]:
-    """Read the first records of a local file and detect its format (runs on a thread)."""
+    """Read the first records of a local file and detect its format (runs on a thread).
+
+    A file that cannot be read raises; a format that cannot be told (or columns that do not fit
+    it) comes back as ``error`` with the columns found, so the person can map them.
+    """
     records = formats.read_local(Path(path), limit=QUICK_RECORDS)
     keys: list[str] = []
     for record in records:
         keys.extend(k for k in record.data if k not in keys)
     where = str(path)
-    if fmt == "auto":
-        detected = formats.detect_format(keys, columns, where)
-    else:
-        formats.check_columns(keys, fmt, columns, where)
-        detected = fmt
-    return {"format": detected, "columns": keys}
+    try:
+        if fmt == "auto":
+            detected = formats.detect_format(keys, columns, where)
+        else:
+            formats.check_columns(keys, fmt, columns, where)
+            detected = fmt
+    except UserError as exc:
+        return {"format": None, "columns": keys, "error": exc.one_line()}
+    return {"format": detected, "columns": keys, "error": None}
 
 
 def segments_html(segments: list[list[Any]]) -> str:
@@ -361,7 +368,7 @@ class DatasetPage(QWidget):
     def _quick_done(self, generation: int, answer: dict[str, Any]) -> None:
         if generation != self._generation:
             return
-        self._show_error(None)
+        self._show_error(answer["error"])
         self._set_detected(answer["format"], answer["columns"])
 
     def _quick_failed(self, generation: int, exc: BaseException) -> None:
@@ -382,6 +389,8 @@ class DatasetPage(QWidget):
         error = answer.get("error")
         if error:
             self._show_error(UserError(error["what"], error.get("where"), error.get("fix")).one_line())
+            if answer.get("columns"):
+                self._set_detected(None, answer["columns"])
             self._set_preview([])
             self._set_lengths([])
             return
@@ -409,11 +418,14 @@ class DatasetPage(QWidget):
         self.error_label.setText(text or "")
         self.error_label.setVisible(bool(text))
 
-    def _set_detected(self, fmt: str, columns: list[str]) -> None:
+    def _set_detected(self, fmt: str | None, columns: list[str]) -> None:
         self.detected_format = fmt
         self.columns = list(columns)
         chosen = self.format.currentData()
-        self.detected.setText(fmt if chosen == "auto" else f"{fmt} (chosen)")
+        if fmt is None:
+            self.detected.setText("unknown: pick a format and map the columns")
+        else:
+            self.detected.setText(fmt if chosen == "auto" else f"{fmt} (chosen)")
         self._rebuild_column_boxes()
 
     def _rebuild_column_boxes(self) -> None:

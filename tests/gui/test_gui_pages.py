@@ -1,0 +1,110 @@
+"""The Dataset, Runs and Export pages on real files."""
+
+from __future__ import annotations
+
+import json
+
+import pyqtgraph as pg
+from PySide6.QtWidgets import QLabel, QSpinBox, QTableWidget
+
+from qlora_studio import events as ev
+from qlora_studio import runs
+from qlora_studio.gui.pages.dataset_page import LEARNED_STYLE, MASKED_STYLE
+
+
+def write_run(runs_dir, name: str, status: str, losses: list[float], *, checkpoint_step: int | None = None):
+    """A run folder as the worker leaves it (events.jsonl, optionally a checkpoint)."""
+    run_dir = runs_dir / name
+    run_dir.mkdir(parents=True)
+    writer = ev.EventWriter(run_dir / runs.EVENTS)
+    writer.emit("run_started", run_dir=str(run_dir), config={"model": {"name_or_path": "/m/tiny"}, "data": {"path": "/d/qa.jsonl"}},
+                model={}, device={}, versions={}, plan={"max_steps": 100})
+    for step, loss in enumerate(losses, start=1):
+        writer.emit("step", step=step, loss=loss, lr=1e-3, tokens_per_s=1000.0)
+    if checkpoint_step is not None:
+        ckpt = run_dir / runs.CHECKPOINTS / runs.checkpoint_name(checkpoint_step)
+        (ckpt / "adapter").mkdir(parents=True)
+        (ckpt / runs.STATE).write_text(json.dumps({"step": checkpoint_step}))
+    if status == "stopped":
+        writer.emit("stopped", step=len(losses), checkpoint="x", reason="stop requested")
+    elif status == "finished":
+        (run_dir / runs.ADAPTER).mkdir()
+        (run_dir / runs.ADAPTER / "adapter_model.safetensors").write_bytes(b"\0" * 2048)
+        writer.emit("finished", step=len(losses), adapter=str(run_dir / runs.ADAPTER), train_loss=losses[-1],
+                    eval_loss=None, tokens=1, duration_s=1.0)
+    writer.close()
+    return run_dir
+
+
+def test_dataset_preview_masks_the_prompt_and_histogram_counts_truncation(window, qtbot):
+    page = window.dataset_page
+    window.tabs.setCurrentWidget(page)
+    qtbot.waitUntil(lambda: page.lengths.size > 0 and page.preview.rowCount() > 0, timeout=60_000)
+    assert page.detected_format == "alpaca"
+    label = page.preview.cellWidget(0, 1)
+    assert isinstance(label, QLabel)
+    assert MASKED_STYLE in label.text() and LEARNED_STYLE in label.text()
+    assert "### Assistant:" in label.property("plainText")  # the demo tokenizer has no chat template
+    assert "learned" in page.preview.item(0, 2).text()
+
+    lengths = page.lengths
+    limit = int(sorted(lengths)[len(lengths) // 2])  # about half the examples are longer
+    window.findChild(QSpinBox, "maxSeqLen").setValue(limit)
+    expected = int((lengths > limit).sum())
+    assert expected > 0
+    assert page.truncated_count() == expected
+    assert f"{expected:,} of {len(lengths):,} examples are longer than {limit:,} tokens" in page.truncated_label.text()
+    line = next(item for item in page.histogram.getPlotItem().items if isinstance(item, pg.InfiniteLine))
+    assert line.value() == limit
+
+
+def test_column_mapping_reads_a_dataset_with_other_column_names(window, qtbot, tmp_path):
+    data = tmp_path / "renamed.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i}+{i}?", "answer": str(2 * i)}) + "\n" for i in range(5)))
+    page = window.dataset_page
+    page.set_source(str(data))
+    qtbot.waitUntil(lambda: page.error is not None, timeout=10_000)
+    assert "cannot tell the dataset's format" in page.error
+    page.format.setCurrentIndex(page.format.findData("prompt_completion"))
+    page._column_boxes["prompt"].setCurrentText("question")
+    page._column_boxes["completion"].setCurrentText("answer")
+    qtbot.waitUntil(lambda: page.error is None and page.preview.rowCount() == 5, timeout=60_000)
+    assert window.collect_config().data.columns == {"prompt": "question", "completion": "answer"}
+    assert "What is 0+0?" in page.preview.cellWidget(0, 1).property("plainText")
+
+
+def test_runs_page_lists_overlays_and_deletes(window, qtbot):
+    runs_dir = window.state.runs_dir
+    write_run(runs_dir, "a-finished", "finished", [3.0, 2.0, 1.0])
+    stopped = write_run(runs_dir, "b-stopped", "stopped", [4.0, 3.5], checkpoint_step=2)
+    page = window.runs_page
+    window.tabs.setCurrentWidget(page)
+    table = window.findChild(QTableWidget, "runsTable")
+    qtbot.waitUntil(lambda: table.rowCount() == 2, timeout=10_000)
+    rows = {table.item(r, 1).text(): [table.item(r, c).text() for c in range(table.columnCount())] for r in range(2)}
+    assert rows["a-finished"][0] == "finished" and rows["a-finished"][4] == "3 / 100" and rows["a-finished"][5] == "1.0000"
+    assert rows["b-stopped"][0] == "stopped" and rows["b-stopped"][2] == "tiny" and rows["b-stopped"][3] == "qa.jsonl"
+
+    table.selectAll()
+    assert page.overlay_curve_count() == 2
+    page.select_run(stopped)
+    table.clearSelection()
+    page.select_run(stopped)
+    assert page.resume_button.isEnabled()
+    charts = page.open_charts()
+    assert charts.charts.point_count("loss") == 2
+    charts.close()
+
+    page.confirm = lambda title, text: False
+    assert page.delete_selected() == [] and stopped.exists()
+    page.confirm = lambda title, text: "b-stopped" in text
+    assert page.delete_selected() == [stopped] and not stopped.exists()
+    qtbot.waitUntil(lambda: table.rowCount() == 1, timeout=10_000)
+
+
+def test_export_page_lists_a_runs_adapter_and_checkpoints(window, qtbot):
+    run_dir = write_run(window.state.runs_dir, "done", "finished", [2.0, 1.0], checkpoint_step=2)
+    window.tabs.setCurrentWidget(window.export_page)
+    kinds = [kind for kind, _ in window.export_page.artifacts()]
+    assert kinds == ["Final adapter", "Checkpoint"]
+    assert window.export_page.artifacts()[0][1] == str(run_dir / runs.ADAPTER)
