@@ -1,0 +1,267 @@
+"""What the GPU monitor costs: the NVML sampler's CPU time, and CUPTI's share of a training step.
+
+Goals (issue 4): the sampler under 2% of one CPU core at 4 Hz; the paging counters under 2% of the
+worker's step time.
+
+1. Sampler: the GUI's NVML sampler runs in its own thread at 4 Hz for ``--sampler-s`` seconds in a
+   fresh process that imports no torch; its cost is the process's CPU time over the wall time, in
+   percent of one core. Measured twice: as shipped (PCIe read once a second) and with PCIe read at
+   every sample, to show what that choice saves.
+2. Paging counters: a training-like step (a stack of linear layers, bf16 autocast, bitsandbytes'
+   PagedAdamW32bit, bracketed in forward/backward/optimizer phases and flushed each step like the
+   engine's loop) timed without and with the CUPTI collector, in alternating fresh processes.
+   ``--touch-every K`` also pages the optimizer state out from the CPU every K steps, so that the
+   counters have records to deliver.
+
+Memory safety on a shared card: the workload is sized up front (about 2.7 GiB with the defaults, of
+which 1 GiB managed) and the script refuses to start unless the card has 4 times that free. Pages
+move only by CPU touches, never by oversubscription.
+
+Run on the GPU machine:  python bench/monitor_cost.py
+Writes bench/results/monitor_cost-<date>-<commit>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+GIB = float(1 << 30)
+
+
+# ---------------------------------------------------------------------------------------------
+# children (each runs in a fresh process and prints one JSON line)
+
+
+def child_sampler(seconds: float, pcie_interval_s: float) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from qlora_studio.monitor.nvml import NvmlReader, NvmlSampler
+
+    rounds: list[float] = []
+    sampler = NvmlSampler(reader=NvmlReader(pcie_interval_s=pcie_interval_s), interval_s=0.25)
+    sampler.on_samples.append(lambda samples: rounds.append(time.monotonic()))
+    sampler.start()
+    time.sleep(2.0)  # NVML's start-up is a one-off: measure the steady state
+    if sampler.status.state != "ok":
+        sampler.stop()
+        return {"error": sampler.status.message}
+    first = len(rounds)
+    wall0, cpu0 = time.monotonic(), time.process_time()
+    time.sleep(seconds)
+    wall, cpu = time.monotonic() - wall0, time.process_time() - cpu0
+    taken = len(rounds) - first
+    sampler.stop()
+    return {
+        "seconds": wall,
+        "cpu_seconds": cpu,
+        "percent_of_one_core": 100.0 * cpu / wall,
+        "samples": taken,
+        "rate_hz": taken / wall,
+        "gpus": len(sampler.gpus),
+        "torch_imported": "torch" in sys.modules,
+    }
+
+
+def child_train(mode: str, args: argparse.Namespace) -> dict:
+    sys.path.insert(0, str(ROOT))
+    import bitsandbytes as bnb
+    import torch
+
+    from qlora_studio.monitor.paging import make_collector, paged_state_bytes
+
+    if not torch.cuda.is_available():
+        return {"error": "no CUDA device"}
+    device = torch.device("cuda", 0)
+    h, layers, tokens = args.hidden, args.layers, args.tokens
+    params = layers * h * h
+    act = tokens * h * 2 * (layers + 2)  # bf16 activations kept for backward, roughly
+    needed = params * 4 * 2 + act  # fp32 weights and grads (device) + activations
+    managed = params * 4 * 2  # AdamW's two fp32 states, paged
+    free, _ = torch.cuda.mem_get_info(device)
+    if free < 4 * (needed + managed):
+        return {"error": f"only {free / GIB:.1f} GiB free; this workload wants {4 * (needed + managed) / GIB:.1f} GiB of headroom"}
+
+    collector = make_collector(mode == "cupti", device)
+    if mode == "cupti" and collector.unavailable:
+        return {"error": f"paging counters unavailable: {collector.unavailable}"}
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(h, h, bias=False) for _ in range(layers)]).to(device)
+    opt = bnb.optim.PagedAdamW32bit(model.parameters(), lr=1e-5)
+    x = torch.randn(tokens, h, device=device)
+
+    step_times = []
+    moved = {"bytes_htod": 0, "bytes_dtoh": 0, "faults": 0, "events": 0}
+    for step in range(args.warmup + args.steps):
+        if args.touch_every and step and step % args.touch_every == 0:
+            for state in opt.state.values():  # a CPU touch between steps: pages go to host memory
+                for value in state.values():
+                    if getattr(value, "is_paged", False):
+                        value.add_(0.0)
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        with collector.phase("forward"):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(x).float().pow(2).mean()
+        with collector.phase("backward"):
+            loss.backward()
+        with collector.phase("optimizer"):
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(device)
+        records = collector.flush(step)
+        t1 = time.perf_counter()
+        if step >= args.warmup:
+            step_times.append(t1 - t0)
+            for r in records:
+                moved["events"] += 1
+                for key in ("bytes_htod", "bytes_dtoh", "faults"):
+                    moved[key] += r[key]
+    collector.close()
+    return {
+        "mode": mode,
+        "median_step_s": statistics.median(step_times),
+        "mean_step_s": statistics.fmean(step_times),
+        "steps": len(step_times),
+        "paged_state_bytes": paged_state_bytes(opt),
+        "paging": moved,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the orchestrator
+
+
+def _child(argv: list[str], timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        return {"error": f"exit {done.returncode}: {done.stderr.strip()[-2000:]}"}
+    return json.loads(lines[-1])
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _environment() -> dict:
+    env = {"python": platform.python_version(), "host": platform.node(), "cpus": os.cpu_count()}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        env["gpu"] = pynvml.nvmlDeviceGetName(handle)
+        env["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        pynvml.nvmlShutdown()
+    except Exception as exc:  # noqa: BLE001 - reported, not fatal
+        env["gpu"] = f"unknown ({exc})"
+    from importlib import metadata
+
+    for package in ("torch", "bitsandbytes", "nvidia-ml-py", "cupti-python"):
+        try:
+            env[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            env[package] = None
+    return env
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sampler-s", type=float, default=30.0, help="seconds to run the sampler (default 30)")
+    parser.add_argument("--pairs", type=int, default=3, help="baseline/CUPTI process pairs (default 3)")
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per process (default 60)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=8192, help="rows per step (batch x sequence)")
+    parser.add_argument("--touch-every", type=int, default=0, metavar="K", help="page the optimizer state out every K steps (0: never)")
+    parser.add_argument("--skip-cupti", action="store_true", help="measure only the sampler")
+    parser.add_argument("--child", choices=("sampler", "baseline", "cupti"), help=argparse.SUPPRESS)
+    parser.add_argument("--pcie-interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child == "sampler":
+        print(json.dumps(child_sampler(args.sampler_s, args.pcie_interval)))
+        return 0
+    if args.child in ("baseline", "cupti"):
+        print(json.dumps(child_train(args.child, args)))
+        return 0
+
+    result: dict = {"date": dt.datetime.now().isoformat(timespec="seconds"), "commit": _git_commit(), "environment": _environment()}
+    timeout = args.sampler_s + 120
+    result["sampler"] = {
+        "pcie_every_1s": _child(["--child", "sampler", "--sampler-s", str(args.sampler_s), "--pcie-interval", "1.0"], timeout),
+        "pcie_every_sample": _child(["--child", "sampler", "--sampler-s", str(args.sampler_s), "--pcie-interval", "0.25"], timeout),
+    }
+    if not args.skip_cupti:
+        passthrough = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--hidden", str(args.hidden),
+                       "--layers", str(args.layers), "--tokens", str(args.tokens), "--touch-every", str(args.touch_every)]
+        runs: dict[str, list[dict]] = {"baseline": [], "cupti": []}
+        for _ in range(args.pairs):
+            for mode in ("baseline", "cupti"):
+                runs[mode].append(_child(["--child", mode, *passthrough], 900))
+        result["training"] = {"config": vars(args) | {"child": None}, "runs": runs}
+        ok = {m: [r["median_step_s"] for r in rs if "median_step_s" in r] for m, rs in runs.items()}
+        if ok["baseline"] and ok["cupti"]:
+            base, cupti = statistics.median(ok["baseline"]), statistics.median(ok["cupti"])
+            result["training"]["median_step_s"] = {"baseline": base, "cupti": cupti}
+            result["training"]["overhead_percent"] = 100.0 * (cupti - base) / base
+
+    _print_table(result)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"monitor_cost-{dt.datetime.now():%Y%m%d-%H%M%S}-{result['commit']}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {path.relative_to(ROOT)}")
+    return 0
+
+
+def _print_table(result: dict) -> None:
+    env = result["environment"]
+    print(f"GPU monitor cost   {result['date']}   commit {result['commit']}")
+    print(f"GPU {env.get('gpu')}, driver {env.get('driver')}, torch {env.get('torch')}, cupti-python {env.get('cupti-python')}")
+    print()
+    print(f"{'NVML sampler at 4 Hz':<34}{'CPU (% of one core)':>21}{'rate (Hz)':>11}   goal < 2%")
+    for key, label in (("pcie_every_1s", "as shipped (PCIe once a second)"), ("pcie_every_sample", "PCIe at every sample")):
+        r = result["sampler"][key]
+        if "error" in r:
+            print(f"{label:<34}{'error: ' + r['error']}")
+        else:
+            print(f"{label:<34}{r['percent_of_one_core']:>20.2f}%{r['rate_hz']:>11.2f}")
+    training = result.get("training")
+    if training:
+        print()
+        print(f"{'training-like step':<34}{'median step (ms)':>21}   runs")
+        for mode in ("baseline", "cupti"):
+            rs = training["runs"][mode]
+            medians = [f"{r['median_step_s'] * 1000:.2f}" for r in rs if "median_step_s" in r]
+            errors = [r["error"] for r in rs if "error" in r]
+            label = "without paging counters" if mode == "baseline" else "with CUPTI paging counters"
+            summary = training.get("median_step_s", {}).get(mode)
+            shown = f"{summary * 1000:>21.2f}" if summary else f"{'–':>21}"
+            first_error = errors[0].strip().splitlines()[-1] if errors else ""
+            print(f"{label:<34}{shown}   {', '.join(medians)}" + (f"   error: {first_error}" if errors else ""))
+        if "overhead_percent" in training:
+            print(f"{'CUPTI overhead':<34}{training['overhead_percent']:>20.2f}%   goal < 2%")
+        moved = [r["paging"] for r in training["runs"]["cupti"] if "paging" in r]
+        if moved:
+            m = moved[0]
+            print(f"paging seen in one CUPTI run: {m['events']} events, in {m['bytes_htod'] / GIB:.2f} GiB, "
+                  f"out {m['bytes_dtoh'] / GIB:.2f} GiB, {m['faults']} faults")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
