@@ -29,9 +29,10 @@ from .. import __version__
 from .. import config as cfgmod
 from .. import runs
 from ..errors import UserError
-from . import jobs, presets
+from . import jobs, presets, vram
 from .app_state import DISPLAY_NAME, AppState
 from .demo_setup import DemoSetup, demo_ready
+from .jobs import FunctionJob
 from .pages.dataset_page import DatasetPage
 from .pages.export_page import ExportPage
 from .pages.model_page import ModelPage
@@ -95,6 +96,12 @@ class MainWindow(QMainWindow):
         self._start_when_demo_ready = False
         self._close_when_done = False
         self._applying = False
+        self._model_info: Any = None
+        self._gpu: vram.GpuMemory | None = None
+        self._estimate_timer = QTimer(self)
+        self._estimate_timer.setSingleShot(True)
+        self._estimate_timer.setInterval(300)
+        self._estimate_timer.timeout.connect(self.update_estimate)
 
         self.run = RunControl(self.state.staging_dir, self)
         self.demo = DemoSetup(self.state.demo_dir, self)
@@ -103,6 +110,7 @@ class MainWindow(QMainWindow):
         self._build_menus()
         self._connect()
         self._restore()
+        self._read_gpu()
         if prepare_demo:
             self._ensure_demo()
 
@@ -285,6 +293,7 @@ class MainWindow(QMainWindow):
     def _settings_changed(self) -> None:
         if self._applying:
             return
+        self._estimate_timer.start()
         try:
             cfg = self.collect_config()
         except UserError:
@@ -316,9 +325,36 @@ class MainWindow(QMainWindow):
                                     self.model_page.trust_remote_code.isChecked())
 
     def _model_facts(self, answer: dict[str, Any] | None) -> None:
+        self._model_info = answer["info"] if answer else None
+        self._estimate_timer.start()
+
+    def _read_gpu(self) -> None:
+        job = FunctionJob(vram.read_gpu, parent=self)
+        job.succeeded.connect(self._gpu_read)
+        job.finished.connect(job.deleteLater)
+        job.start()
+
+    def _gpu_read(self, gpu: vram.GpuMemory | None) -> None:
+        self._gpu = gpu
+        self._estimate_timer.start()
+
+    def update_estimate(self) -> None:
+        """Re-estimate the GPU memory of the settings on screen (pure arithmetic, milliseconds)."""
+        label = self.training_page.estimate
+        peak = None
+        if self._model_info is None:
+            label.setText("")
+        else:
+            try:
+                text, peak = vram.describe(self._model_info, self.collect_config(), self._gpu)
+            except UserError as exc:
+                text = f"No memory estimate: {exc.one_line()}"
+            except ImportError:
+                text = ""  # a build without the estimate module
+            label.setText(text)
         set_peak = getattr(self.monitor_page, "set_estimated_peak", None)
-        if set_peak is not None and answer is None:
-            set_peak(None)
+        if set_peak is not None:
+            set_peak(peak)
 
     def _ensure_demo(self) -> None:
         if demo_ready(self.state.demo_dir):

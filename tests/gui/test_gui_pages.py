@@ -108,3 +108,27 @@ def test_export_page_lists_a_runs_adapter_and_checkpoints(window, qtbot):
     kinds = [kind for kind, _ in window.export_page.artifacts()]
     assert kinds == ["Final adapter", "Checkpoint"]
     assert window.export_page.artifacts()[0][1] == str(run_dir / runs.ADAPTER)
+
+
+def test_model_page_shows_config_facts_targets_and_an_estimate(window, qtbot, tmp_path):
+    page = window.model_page
+    window.tabs.setCurrentWidget(page)
+    qtbot.waitUntil(lambda: page.facts is not None and bool(page._module_boxes), timeout=10_000)
+    facts = {page.facts_form.itemAt(r, page.facts_form.ItemRole.LabelRole).widget().text():
+             page.facts_form.itemAt(r, page.facts_form.ItemRole.FieldRole).widget().text()
+             for r in range(page.facts_form.rowCount())
+             if page.facts_form.itemAt(r, page.facts_form.ItemRole.LabelRole) is not None}
+    assert facts["Architecture:"] == "LlamaForCausalLM" and facts["Layers:"] == "4" and facts["Hidden size:"] == "256"
+    assert page.facts_status.text() == "Local folder."
+    assert set(page._module_boxes) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    qtbot.waitUntil(lambda: window.training_page.estimate.text().startswith("Estimated GPU memory"), timeout=5_000)
+
+    assert window.collect_config().lora.target_modules == ["all-linear"]
+    page.all_linear.setChecked(False)
+    for name, box in page._module_boxes.items():
+        box.setChecked(name in ("q_proj", "v_proj"))
+    assert sorted(window.collect_config().lora.target_modules) == ["q_proj", "v_proj"]
+
+    page.set_source(str(tmp_path / "no-such-model"))
+    qtbot.waitUntil(lambda: "model folder not found" in page.facts_status.text(), timeout=10_000)
+    assert page.facts_form.rowCount() == 0

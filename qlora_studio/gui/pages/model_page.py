@@ -7,7 +7,6 @@ model's linear layer names as LoRA targets.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +33,22 @@ from ..help_texts import tip
 from ..jobs import FunctionJob
 from ..widgets import BusyIndicator, PathField, add_row, pick_folder, wrap_label
 
-# Labels for the facts ModelInfo carries, in display order; unknown fields are shown after these.
-FACT_LABELS = {
-    "architecture": "Architecture",
-    "model_type": "Model type",
-    "layers": "Layers",
-    "hidden_size": "Hidden size",
-    "heads": "Attention heads",
-    "kv_heads": "Key/value heads",
-    "vocab_size": "Vocabulary",
-    "context_length": "Context length",
-    "params": "Parameters",
-}
+# The ModelInfo facts the page shows, in order, with their labels.
+FACTS = (
+    ("architecture", "Architecture"),
+    ("layers", "Layers"),
+    ("hidden_size", "Hidden size"),
+    ("intermediate_size", "MLP size"),
+    ("heads", "Attention heads"),
+    ("kv_heads", "Key/value heads"),
+    ("vocab_size", "Vocabulary"),
+    ("context_length", "Context length"),
+    ("param_count", "Parameters"),
+    ("quantizable_params", "Stored in 4 bits"),
+    ("unquantized_params", "Kept in compute dtype"),
+    ("sliding_window", "Sliding window"),
+)
+COUNTS = ("param_count", "quantizable_params", "unquantized_params")
 
 
 def _human_count(n: int) -> str:
@@ -55,23 +58,37 @@ def _human_count(n: int) -> str:
     return f"{n:,}"
 
 
-def describe_model(name_or_path: str) -> dict[str, Any]:
-    """Read a model's config.json (no weights) and describe it. Runs on a background thread."""
-    try:
-        from ...engine import modelinfo
-    except ImportError as exc:
-        raise RuntimeError(f"model facts are unavailable in this build ({exc})") from None
-    raw = modelinfo.read_model_config(name_or_path)
-    info = modelinfo.describe(raw)
+def describe_model(name_or_path: str, revision: str = "main") -> dict[str, Any]:
+    """Read a model's config.json (no weights) and describe it. Runs on a background thread:
+    a hub id may mean a download."""
+    from ...engine import modelinfo  # torch-free
+
+    raw = modelinfo.read_model_config(name_or_path, revision)
+    info = modelinfo.describe(raw, where=name_or_path)
     local = Path(name_or_path).expanduser().exists()
-    cached = None if local else modelinfo.is_cached(name_or_path)
     return {
-        "facts": dataclasses.asdict(info) if dataclasses.is_dataclass(info) else dict(info),
+        "info": info,
         "modules": list(modelinfo.linear_module_names(raw)),
         "local": local,
-        "cached": cached,
+        "cached": None if local else modelinfo.is_cached(name_or_path, revision),
         "config": raw,
     }
+
+
+def fact_rows(info: Any) -> list[tuple[str, str]]:
+    rows = []
+    for key, label in FACTS:
+        value = getattr(info, key, None)
+        if value is None or value == "":
+            continue
+        if key in COUNTS:
+            text = _human_count(int(value))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            text = f"{value:,}"
+        else:
+            text = str(value)
+        rows.append((label, text))
+    return rows
 
 
 class ModelPage(QWidget):
@@ -281,7 +298,7 @@ class ModelPage(QWidget):
             return
         self._pending_source = None
         self.busy.start(f"Reading {source} config.json…")
-        job = FunctionJob(describe_model, source, parent=self)
+        job = FunctionJob(describe_model, source, self.revision.text().strip() or "main", parent=self)
         job.succeeded.connect(lambda answer, s=source: self._facts_ready(s, answer))
         job.failed.connect(lambda exc, s=source: self._facts_failed(s, exc))
         job.finished.connect(self._job_done)
@@ -304,21 +321,12 @@ class ModelPage(QWidget):
         self.busy.stop()
         self.facts = answer
         self._clear_facts()
-        facts = dict(answer["facts"])
-        shown = [k for k in FACT_LABELS if k in facts] + [k for k in facts if k not in FACT_LABELS]
-        for key in shown:
-            value = facts[key]
-            if value is None or value == "" or isinstance(value, (dict, list)):
-                continue
-            if key == "params" and isinstance(value, int):
-                text = _human_count(value)
-            elif isinstance(value, int) and not isinstance(value, bool):
-                text = f"{value:,}"
-            else:
-                text = str(value)
-            label = QLabel(text)
-            label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-            self.facts_form.addRow(FACT_LABELS.get(key, key.replace("_", " ").capitalize()) + ":", label)
+        for label, text in fact_rows(answer["info"]):
+            value = QLabel(text)
+            value.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+            self.facts_form.addRow(f"{label}:", value)
+        for note in getattr(answer["info"], "notes", ()):
+            self.facts_form.addRow(wrap_label(f"Note: {note}"))
         if answer["local"]:
             where = "Local folder."
         elif answer["cached"]:
