@@ -146,6 +146,11 @@ class CuptiPagingCollector:
         self._um_kind = int(cupti.ActivityKind.UNIFIED_MEMORY_COUNTER)
         counters = (self._htod, self._dtoh, self._fault)
         config = cupti.ActivityUnifiedMemoryCounterConfig(len(counters))
+        # NVIDIA's samples set these on the whole array and ``kind`` per element; setting every
+        # field per element as well leaves no doubt about what each entry holds.
+        config.scope = _SCOPE_PROCESS_SINGLE_DEVICE
+        config.device_id = device_index
+        config.enable = 1
         for i, kind in enumerate(counters):
             config[i].scope = _SCOPE_PROCESS_SINGLE_DEVICE
             config[i].kind = kind

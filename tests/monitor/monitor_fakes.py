@@ -208,12 +208,20 @@ class _Config:
 
 
 class ActivityUnifiedMemoryCounterConfig:
+    """An array of configs; a field set on the array is set on every element (numpy-style)."""
+
     registry: dict[int, ActivityUnifiedMemoryCounterConfig] = {}
 
     def __init__(self, size: int):
-        self._items = [_Config() for _ in range(size)]
-        self.ptr = id(self)
+        object.__setattr__(self, "_items", [_Config() for _ in range(size)])
+        object.__setattr__(self, "ptr", id(self))
         ActivityUnifiedMemoryCounterConfig.registry[self.ptr] = self
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in ("scope", "kind", "device_id", "enable"):
+            raise AttributeError(name)
+        for item in self._items:
+            setattr(item, name, value)
 
     def __getitem__(self, i: int) -> _Config:
         return self._items[i]
