@@ -127,7 +127,6 @@ class MonitorPage(QWidget):
         self._worker_pid: int | None = None
         self._worker_gpu_found = False
         self._estimated_peak: int | None = None
-        self._device: dict[str, Any] = {}
         self._paged_state: int | None = None
         self._alloc = RollingSeries(("allocated", "reserved", "peak"), self._window_s)
         self._markers: deque[tuple[float, float, str]] = deque(maxlen=MAX_MARKERS)
@@ -276,7 +275,6 @@ class MonitorPage(QWidget):
         t = float(event.get("time") or time.time())
         if kind == "run_started":
             self.reset()
-            self._device = dict(event.get("device") or {})
         elif kind == "step":
             self._alloc.add(t, {
                 "allocated": event.get("mem_allocated"),
@@ -287,7 +285,7 @@ class MonitorPage(QWidget):
                 self._paged_state = int(event["paged_state_bytes"])
         elif kind == "paging":
             self._add_paging_row(t, event)
-            self._markers.append((t, self._memory_at(t), describe_paging(event)))
+            self._markers.append((t, self._marker_height(), describe_paging(event)))
         if self.paging.add(event) or kind in ("run_started", "step"):
             self._show_paging_status()
         if kind in ("run_started", "step", "paging"):
@@ -295,7 +293,6 @@ class MonitorPage(QWidget):
 
     def reset(self) -> None:
         """Forget the previous run's allocator figures and paging events (the card's history stays)."""
-        self._device = {}
         self._alloc.clear()
         self._markers.clear()
         self._paged_state = None
@@ -384,8 +381,8 @@ class MonitorPage(QWidget):
         details = f"in {fmt_bytes(self.paging.bytes_htod)}, out {fmt_bytes(self.paging.bytes_dtoh)}, {self.paging.faults:,} faults"
         self.paging_status.setToolTip(details if self.paging.events else "")
 
-    def _memory_at(self, t: float) -> float:
-        """Where to put a paging marker: torch's reserved memory then, else the card's use, in GiB."""
+    def _marker_height(self) -> float:
+        """Where a paging marker goes: on torch's reserved curve as it is now, else the card's use (GiB)."""
         reserved = self._alloc.latest("reserved")
         if reserved is not None:
             return reserved / GIB
