@@ -57,19 +57,47 @@ def build_tokenizer(folder: Path, chat_template: str | None = None):
     return fast
 
 
+def build_spm_tokenizer(folder: Path):
+    """A SentencePiece-style BPE with byte fallback, laid out like Llama 2's and Mistral's tokenizer.json:
+    ``<unk> <s> </s>``, the 256 byte tokens ``<0x00>``..``<0xFF>``, then the learned pieces (``▁`` marks
+    a space); a normalizer that prepends ``▁`` and replaces spaces by it."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    learner = Tokenizer(models.BPE())  # pieces learned within words, as SentencePiece does
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    learner.train_from_iterator(CORPUS * 4, trainer=trainers.BpeTrainer(vocab_size=VOCAB - 64 - 256, show_progress=False))
+    learned = json.loads(learner.to_str())["model"]
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for piece in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizer
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(specials)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    return fast
+
+
 def build_model(folder: Path, arch: str = "llama", seed: int = 0, chat_template: str | None = None,
-                hidden: int = 128, layers: int = 2, heads: int = 4) -> Path:
+                hidden: int = 128, layers: int = 2, heads: int = 4, spm: bool = False) -> Path:
     import transformers
 
     spec = dict(ARCHS[arch])
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(folder, chat_template)
+    tokenizer = build_spm_tokenizer(folder) if spm else build_tokenizer(folder, chat_template)
     config_cls = getattr(transformers, spec.pop("config"))
     model_cls = getattr(transformers, spec.pop("cls"))
     config = config_cls(
         vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=heads, max_position_embeddings=256, initializer_range=0.08, rms_norm_eps=1e-5,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         **spec,
     )
     torch.manual_seed(seed)

@@ -23,8 +23,8 @@ class TinyRun:
     logits: dict[int, torch.Tensor] = field(default_factory=dict)  # adapter seed -> in-memory logits
 
 
-def _tiny_run(root: Path, arch: str, chat_template: str | None = None) -> TinyRun:
-    model = build_model(root / "model", arch, chat_template=chat_template)
+def _tiny_run(root: Path, arch: str, chat_template: str | None = None, spm: bool = False) -> TinyRun:
+    model = build_model(root / "model", arch, chat_template=chat_template, spm=spm)
     tiny = TinyRun(root, model, root / "run", sample_ids())
 
     def make_adapter(folder: Path, seed: int) -> None:
@@ -41,7 +41,8 @@ def llama_run(tmp_path_factory) -> TinyRun:
 
 @pytest.fixture(scope="session")
 def mistral_run(tmp_path_factory) -> TinyRun:
-    return _tiny_run(tmp_path_factory.mktemp("mistral"), "mistral")
+    # Mistral's tokenizer is SentencePiece-style BPE: the GGUF's "llama" tokenizer path.
+    return _tiny_run(tmp_path_factory.mktemp("mistral"), "mistral", spm=True)
 
 
 @pytest.fixture(scope="session")

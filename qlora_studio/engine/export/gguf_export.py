@@ -45,7 +45,7 @@ class GGUFPlan:
         self.arch: Arch = architecture(self.merge.base_config, where)
         self.hp = HParams(self.merge.base_config, where)
         self.namer = TensorNamer(self.arch, self.hp)
-        self.vocab: Vocab = read_vocab(self.merge.folder, self.hp.vocab)
+        self.vocab: Vocab = read_vocab(self.merge.folder, self.hp.vocab, bool(source.cfg and source.cfg.model.trust_remote_code))
         freqs = self.hp.rope_frequency_factors(self.merge.base_config)
         self.extra = {} if freqs is None else {"rope_freqs.weight": freqs}
         self.planned = plan_tensors(self.merge.specs, self.namer, dtype, self.extra)

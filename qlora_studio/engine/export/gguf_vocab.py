@@ -98,14 +98,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _token_text(value: Any) -> str | None:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
-    return None
-
-
 def _components(node: Any, kind: str) -> list[dict[str, Any]]:
     """The pre-tokenizer / normalizer / decoder steps of a tokenizer.json node, flattened."""
     if not isinstance(node, dict):
@@ -142,8 +134,14 @@ def _merges(model: dict[str, Any]) -> list[tuple[str, str]]:
     return pairs
 
 
-def read_vocab(folder: Path, n_vocab: int) -> Vocab:
-    """The GGUF tokenizer description of the tokenizer in ``folder`` for a model with ``n_vocab`` rows."""
+def read_vocab(folder: Path, n_vocab: int, trust_remote_code: bool = False) -> Vocab:
+    """The GGUF tokenizer description of the tokenizer in ``folder`` for a model with ``n_vocab`` rows.
+
+    Tokens, special tokens and the chat template come from the tokenizer as transformers loads it
+    (the one training used: its class may add tokens that tokenizer.json lacks); the algorithm --
+    merges, pre-tokenizer, normalizer -- comes from tokenizer.json."""
+    from transformers import AutoTokenizer
+
     data = _read_json(folder / "tokenizer.json")
     if not data:
         raise ExportError("GGUF export needs a fast tokenizer (tokenizer.json) in the model folder", where=str(folder),
@@ -151,13 +149,14 @@ def read_vocab(folder: Path, n_vocab: int) -> Vocab:
     model = data.get("model") or {}
     if model.get("type") != "BPE":
         raise ExportError(f"the tokenizer is a {model.get('type')} model; GGUF export supports BPE tokenizers", where=str(folder))
-    tok_cfg = _read_json(folder / "tokenizer_config.json")
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot load the tokenizer ({exc})".splitlines()[0], where=str(folder)) from None
     model_cfg = _read_json(folder / "config.json")
 
-    ids: dict[str, int] = dict(model.get("vocab") or {})
-    added = {t["content"]: t for t in data.get("added_tokens") or []}
-    for content, info in added.items():
-        ids[content] = info["id"]
+    ids: dict[str, int] = dict(tok.get_vocab())
+    added = {i: t for i, t in tok.added_tokens_decoder.items()}
     size = max(ids.values(), default=-1) + 1
     if size > n_vocab:
         raise ExportError(f"the tokenizer has {size} tokens but the model only {n_vocab} embeddings", where=str(folder))
@@ -196,29 +195,24 @@ def read_vocab(folder: Path, n_vocab: int) -> Vocab:
         raise ExportError("the tokenizer is neither byte-level BPE nor SentencePiece-style BPE with byte fallback",
                           where=str(folder), fix="Export the adapter or merged format instead.")
 
-    unk = _token_text(tok_cfg.get("unk_token")) or model.get("unk_token")
-    for content, info in added.items():
-        i = info["id"]
-        types[i] = CONTROL if info.get("special") else USER_DEFINED
-    if unk in ids:
-        types[ids[unk]] = UNKNOWN
+    for i, token in added.items():
+        if i < n_vocab:
+            types[i] = CONTROL if token.special else USER_DEFINED
+    if tok.unk_token is not None and tok.unk_token_id is not None and tok.unk_token_id < n_vocab:
+        types[tok.unk_token_id] = UNKNOWN
 
     for key in ("bos", "eos", "unk", "pad"):
-        text = _token_text(tok_cfg.get(f"{key}_token"))
-        token_id = ids.get(text) if text is not None else None
+        token_id = getattr(tok, f"{key}_token_id")
         if token_id is None and isinstance(model_cfg.get(f"{key}_token_id"), int):
             token_id = model_cfg[f"{key}_token_id"]
         if token_id is not None:
-            vocab.special[key] = token_id
+            vocab.special[key] = int(token_id)
     # QLoRA Studio's training starts every sequence with the tokenizer's BOS token, if it has one.
-    vocab.add_bos = _token_text(tok_cfg.get("bos_token")) in ids
+    vocab.add_bos = tok.bos_token_id is not None
 
-    template = tok_cfg.get("chat_template")
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default") or next(iter(named.values()), None)
-    if not template and (folder / "chat_template.jinja").is_file():
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    template = tok.chat_template
+    if isinstance(template, dict):
+        template = template.get("default") or next(iter(template.values()), None)
     if template:
         vocab.chat_template = template
     else:
