@@ -89,7 +89,8 @@ def child_train(mode: str, args: argparse.Namespace) -> dict:
     managed = params * 4 * 2  # AdamW's two fp32 states, paged
     free, _ = torch.cuda.mem_get_info(device)
     if free < 4 * (needed + managed):
-        return {"error": f"only {free / GIB:.1f} GiB free; this workload wants {4 * (needed + managed) / GIB:.1f} GiB of headroom"}
+        wanted = 4 * (needed + managed) / GIB
+        return {"error": f"only {free / GIB:.1f} GiB free; this workload wants {wanted:.1f} GiB of headroom"}
 
     collector = make_collector(mode == "cupti", device)
     if mode == "cupti" and collector.unavailable:
@@ -152,7 +153,8 @@ def _child(argv: list[str], timeout: float) -> dict:
 
 def _git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True)
+        return done.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -188,7 +190,8 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=8192, help="rows per step (batch x sequence)")
-    parser.add_argument("--touch-every", type=int, default=0, metavar="K", help="page the optimizer state out every K steps (0: never)")
+    parser.add_argument("--touch-every", type=int, default=0, metavar="K",
+                        help="page the optimizer state out every K steps (0: never)")
     parser.add_argument("--skip-cupti", action="store_true", help="measure only the sampler")
     parser.add_argument("--child", choices=("sampler", "baseline", "cupti"), help=argparse.SUPPRESS)
     parser.add_argument("--pcie-interval", type=float, default=1.0, help=argparse.SUPPRESS)
@@ -201,11 +204,14 @@ def main() -> int:
         print(json.dumps(child_train(args.child, args)))
         return 0
 
-    result: dict = {"date": dt.datetime.now().isoformat(timespec="seconds"), "commit": _git_commit(), "environment": _environment()}
+    result: dict = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"), "commit": _git_commit(), "environment": _environment(),
+    }
     timeout = args.sampler_s + 120
+    sampler = ["--child", "sampler", "--sampler-s", str(args.sampler_s), "--pcie-interval"]
     result["sampler"] = {
-        "pcie_every_1s": _child(["--child", "sampler", "--sampler-s", str(args.sampler_s), "--pcie-interval", "1.0"], timeout),
-        "pcie_every_sample": _child(["--child", "sampler", "--sampler-s", str(args.sampler_s), "--pcie-interval", "0.25"], timeout),
+        "pcie_every_1s": _child([*sampler, "1.0"], timeout),
+        "pcie_every_sample": _child([*sampler, "0.25"], timeout),
     }
     if not args.skip_cupti:
         passthrough = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--hidden", str(args.hidden),

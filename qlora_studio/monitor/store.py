@@ -54,7 +54,7 @@ class RollingSeries:
             raise ValueError("window_s must be greater than 0")
         self._window_s = float(window_s)
         self._width = self._window_s / self.max_points
-        old = list(zip(self._times, self._rows))
+        old = list(zip(self._times, self._rows, strict=True))
         self._keys.clear()
         self._times.clear()
         self._rows.clear()

@@ -43,7 +43,8 @@ def test_without_a_gpu_it_says_so_once_and_exits_0():
     assert cli.run(_args("--once"), out=out, sampler=sampler) == 0
     assert out.getvalue() == NO_GPU_MESSAGE + "\n"
     out = io.StringIO()  # live mode too: there is nothing to watch
-    assert cli.run(_args("--interval", "0.25"), out=out, sampler=NvmlSampler(FakeNvml(init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND))) == 0
+    sampler = NvmlSampler(FakeNvml(init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND))
+    assert cli.run(_args("--interval", "0.25"), out=out, sampler=sampler) == 0
     assert out.getvalue().count(NO_GPU_MESSAGE) == 1
 
 

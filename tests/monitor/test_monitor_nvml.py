@@ -137,7 +137,7 @@ def test_failure_mid_run_is_said_once_then_retried_with_back_off(caplog):
         sampler.tick()
         if nvml.calls["nvmlInit"] > calls:
             retry_times.append(round(clock.now - t0, 2))
-    gaps = [b - a for a, b in zip([0.0] + retry_times, retry_times)]
+    gaps = [b - a for a, b in zip([0.0, *retry_times[:-1]], retry_times, strict=True)]
     assert gaps[:4] == [1.0, 2.0, 4.0, 8.0]
     assert all(g == 8.0 for g in gaps[4:])
     assert nvml.calls["nvmlInit"] - inits_before == len(retry_times)

@@ -15,12 +15,12 @@ from pathlib import Path
 import pynvml
 import pytest
 from monitor_fakes import GIB, MIB, FakeGpu, FakeNvml
+from PySide6.QtWidgets import QComboBox, QLabel, QTableWidget
 
 from qlora_studio import events
 from qlora_studio.gui.pages.monitor_page import MAX_TABLE_ROWS, MonitorPage
 from qlora_studio.monitor.nvml import NO_GPU_MESSAGE, NvmlSampler
 from qlora_studio.monitor.runview import describe_paging
-from PySide6.QtWidgets import QComboBox, QLabel, QTableWidget
 
 RUN = Path(__file__).parent / "data" / "run_events.jsonl"
 

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 import torch
-from monitor_fakes import MIB, ActivityUnifiedMemoryCounterKind as Kind, FakeCupti
+from monitor_fakes import MIB, FakeCupti
+from monitor_fakes import ActivityUnifiedMemoryCounterKind as Kind
 
 from qlora_studio import events
 from qlora_studio.monitor import paging

@@ -378,8 +378,9 @@ class MonitorPage(QWidget):
         if self._paged_state:
             text += f"   ·   paged optimizer state {fmt_bytes(self._paged_state)}"
         self.paging_status.setText(text)
-        details = f"in {fmt_bytes(self.paging.bytes_htod)}, out {fmt_bytes(self.paging.bytes_dtoh)}, {self.paging.faults:,} faults"
-        self.paging_status.setToolTip(details if self.paging.events else "")
+        p = self.paging
+        details = f"in {fmt_bytes(p.bytes_htod)}, out {fmt_bytes(p.bytes_dtoh)}, {p.faults:,} faults"
+        self.paging_status.setToolTip(details if p.events else "")
 
     def _marker_height(self) -> float:
         """Where a paging marker goes: on torch's reserved curve as it is now, else the card's use (GiB)."""
