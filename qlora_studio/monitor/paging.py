@@ -362,11 +362,11 @@ def make_collector(enabled: bool, device: Any, *, cupti_module: Any = None,
     ``cupti_module``, ``init_cuda`` and ``synchronize`` exist for tests; by default they are
     ``cupti.cupti``, creating a CUDA context with torch, and ``torch.cuda.synchronize(device)``.
     """
-    if not enabled:
-        return NullCollector("turned off")
     index = _device_index(device)
     if index is None:
         return NullCollector("training runs on the CPU, so nothing is paged")
+    if not enabled:
+        return NullCollector("turned off")
     if os.environ.get("CUDA_INJECTION64_PATH"):
         return NullCollector("another profiler is attached (CUDA_INJECTION64_PATH is set, e.g. by Nsight)")
     if _active:

@@ -1,0 +1,133 @@
+"""The training loop on the demo model: learning, exact resume, stop requests, loss normalisation."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qlora_studio import config as C
+from qlora_studio import events, runs
+from qlora_studio.engine.trainer import StopFlag, Trainer
+
+
+def _train(demo: Path, run_dir: Path, resume=False, stop=None, **overrides) -> tuple[str, list[dict]]:
+    cfg = C.load(demo / "config.toml")
+    sections = {"train": {"max_steps": 12, "checkpoint_every": 0, "log_every": 1}}
+    for name, values in overrides.items():
+        sections.setdefault(name, {}).update(values)
+    cfg = C.replace(cfg, **sections)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    writer = events.EventWriter(run_dir / runs.EVENTS)
+    flag = stop or StopFlag(run_dir)
+    outcome = Trainer(cfg, run_dir, writer, flag, base_dir=demo, resume=resume).run()
+    writer.close()
+    return outcome.status, list(events.read(run_dir / runs.EVENTS))
+
+
+def _losses(evts):
+    return {e["step"]: e["loss"] for e in evts if e["type"] == "step"}
+
+
+def test_loss_decreases_and_run_finishes(demo_template, tmp_path):
+    status, evts = _train(demo_template, tmp_path / "run", train={"max_steps": 30})
+    assert status == "finished"
+    losses = list(_losses(evts).values())
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    kinds = [e["type"] for e in evts]
+    assert kinds[0] == "run_started" and kinds[1] == "data_ready" and kinds[-1] == "finished"
+    step = next(e for e in evts if e["type"] == "step")
+    for key in events.EVENT_FIELDS["step"]:
+        assert key in step
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert runs.summarize(tmp_path / "run").status == "finished"
+
+
+def test_resume_equals_uninterrupted_run(demo_template, tmp_path):
+    # An uninterrupted run of 12 steps, against 6 steps + checkpoint, then a resumed run to 12.
+    _, full = _train(demo_template, tmp_path / "full", lora={"dropout": 0.1})
+    first, part = _train(demo_template, tmp_path / "part", lora={"dropout": 0.1}, train={"max_steps": 6, "checkpoint_every": 3})
+    ckpts = runs.list_checkpoints(tmp_path / "part")
+    assert [s for s, _ in ckpts] == [3]  # the checkpoint at the final step is replaced by the adapter
+    # Interrupt after step 3 as a kill would: drop what came after the checkpoint.
+    status, resumed = _train(demo_template, tmp_path / "part", resume=True, lora={"dropout": 0.1})
+    assert status == "finished"
+    last_start = max(i for i, e in enumerate(resumed) if e["type"] == "run_started")
+    full_losses, resumed_losses = _losses(full), _losses(resumed[last_start:])
+    assert sorted(resumed_losses) == list(range(4, 13))
+    for step in range(4, 13):
+        assert resumed_losses[step] == pytest.approx(full_losses[step], rel=1e-5, abs=1e-6), step
+    started = [e for e in resumed if e["type"] == "run_started"][-1]
+    assert started["plan"]["resumed_from"] == 3
+
+
+def test_stop_request_checkpoints_and_reports(demo_template, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    flag = StopFlag(run_dir)
+    writer_steps = []
+
+    class StopAfter(StopFlag):
+        def is_set(self):
+            steps = [e for e in events.read(run_dir / runs.EVENTS) if e["type"] == "step"]
+            writer_steps.append(len(steps))
+            if len(steps) >= 4:
+                (run_dir / runs.STOP).write_text("")
+            return super().is_set()
+
+    status, evts = _train(demo_template, run_dir, stop=StopAfter(run_dir), train={"max_steps": 50})
+    assert status == "stopped"
+    stopped = evts[-1]
+    assert stopped["type"] == "stopped" and stopped["step"] == 4 and stopped["reason"] == "stop file"
+    assert runs.latest_checkpoint(run_dir).name == runs.checkpoint_name(4)
+    assert not (run_dir / runs.STOP).exists()
+    assert not (run_dir / runs.ADAPTER).exists()
+    assert flag.stop_file == run_dir / runs.STOP
+
+
+def test_gradient_accumulation_matches_one_large_batch(demo_template):
+    """4 micro-batches of 2 give the same gradient as 1 batch of 8 (loss normalised by learned tokens)."""
+    from qlora_studio.engine.data import Batcher, collate, load_dataset
+    from qlora_studio.engine.model import load_model
+    from qlora_studio.engine.trainer import count_learned, loss_sum
+
+    cfg = C.load(demo_template / "config.toml")
+    model, tok, _ = load_model(cfg, torch.device("cpu"), torch.float32 if False else torch.bfloat16, demo_template)
+    # Give LoRA B nonzero values so gradients reach every adapter matrix.
+    torch.manual_seed(0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.02)
+    data = load_dataset(cfg.data, tok, demo_template)
+    examples = Batcher(data.train, 8, 0, tok.pad_token_id).next()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(micro: int) -> list[torch.Tensor]:
+        model.zero_grad()
+        batches = [collate(examples[i : i + micro], tok.pad_token_id) for i in range(0, 8, micro)]
+        n = sum(count_learned(b["labels"]) for b in batches)
+        for b in batches:
+            (loss_sum(model, b) / n).backward()
+        return [p.grad.clone() for p in params]
+
+    one, four = grads(8), grads(2)
+    for a, b in zip(one, four):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-5)
+
+
+def test_chunked_loss_equals_standard(demo_template):
+    from qlora_studio.engine.data import Batcher, collate, load_dataset
+    from qlora_studio.engine.model import load_model
+    from qlora_studio.engine import trainer
+
+    cfg = C.load(demo_template / "config.toml")
+    model, tok, _ = load_model(cfg, torch.device("cpu"), torch.bfloat16, demo_template)
+    data = load_dataset(cfg.data, tok, demo_template)
+    batch = collate(Batcher(data.train, 8, 0, tok.pad_token_id).next(), tok.pad_token_id)
+    trainer.LOSS_CHUNK_TOKENS = 7  # several chunks
+    try:
+        standard = trainer.loss_sum(model, batch, "standard")
+        chunked = trainer.loss_sum(model, batch, "chunked")
+    finally:
+        trainer.LOSS_CHUNK_TOKENS = 4096
+    torch.testing.assert_close(chunked, standard, rtol=1e-4, atol=1e-3)
