@@ -1,7 +1,8 @@
-"""The monitor page's states, fed from an event file in the worker's format and a fake NVML.
+"""The monitor page's states, fed from event files in the worker's format and a fake NVML.
 
-data/run_events.jsonl is a six-step run written with events.py (allocator figures each step, three
-paging events moving 512 MiB in all); it is synthetic, not captured on a GPU.
+data/cpu_run_events.jsonl was recorded from the worker training the demo on a CPU. GPU runs cannot
+be recorded on this machine, so data/run_events.jsonl is a six-step run written with events.py
+(allocator figures each step, three paging events moving 512 MiB in all).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from qlora_studio.monitor.nvml import NO_GPU_MESSAGE, NvmlSampler
 from qlora_studio.monitor.runview import describe_paging
 
 RUN = Path(__file__).parent / "data" / "run_events.jsonl"
+# Recorded from `qlora-studio train` on the offline demo on a CPU (paths shortened).
+CPU_RUN = Path(__file__).parent / "data" / "cpu_run_events.jsonl"
 
 
 @pytest.fixture
@@ -91,6 +94,17 @@ def test_a_recorded_run_fills_the_timeline_table_and_status(make_page):
     x, y = page.curves["allocated"].getData()
     assert len(x) == 6 and y[-1] == pytest.approx(3.3)
     assert "peak 6.20 GiB" in page.summary.text()
+
+
+def test_a_recorded_cpu_run_shows_why_nothing_is_paged(make_page):
+    page, sampler = make_page()
+    sampler.tick()
+    _feed(page, CPU_RUN)
+    assert page.paging_status.text() == "Paging counters unavailable: training runs on the CPU, so nothing is paged"
+    assert page.paging_table.rowCount() == 0
+    _, reserved = page.curves["reserved"].getData()
+    assert len(reserved) >= 1 and all(v != v for v in reserved)  # the CPU has no allocator figures: gaps
+    assert "torch" not in page.summary.text()
 
 
 def test_paging_unavailable_is_shown_with_its_reason(make_page):
