@@ -170,6 +170,9 @@ def test_gpus_the_worker_and_capacity(make_page, qtbot):
     qtbot.waitUntil(lambda: page.gpu_selector.currentData() == 1, timeout=2000)  # the worker's GPU
     page.refresh()
     assert page.capacity_line.isVisible() and page.capacity_line.value() == pytest.approx(80 - 0.25)
+    page.timeline.getPlotItem().getViewBox().updateAutoRange()
+    y_low, y_high = page.timeline.getPlotItem().getViewBox().viewRange()[1]
+    assert y_low <= 0.5 and y_high >= 80 - 0.25  # the card's whole capacity is in view
     _, worker = page.curves["worker"].getData()
     assert list(worker) == [pytest.approx(20.0)]
     rows = _rows(page.process_table)

@@ -198,7 +198,7 @@ class MonitorPage(QWidget):
             self.timeline.addItem(line, ignoreBounds=True)
         # Invisible points at 0 and at the capacity, so that the automatic y range shows how full
         # the card is (a person can still zoom; the "A" button brings this view back).
-        self._y_bounds = pg.PlotDataItem(pen=None, symbol=None)
+        self._y_bounds = pg.PlotDataItem(pen=pg.mkPen(0, 0, 0, 0))  # transparent; pen=None would not count
         self.timeline.addItem(self._y_bounds)
         self.paging_markers = pg.ScatterPlotItem(
             size=11, symbol="t", pen=pg.mkPen("#7a6200"), brush=pg.mkBrush(_COLORS["paging"]),
