@@ -187,7 +187,7 @@ class MonitorPage(QWidget):
         }
         self.capacity_line = pg.InfiniteLine(
             angle=0, movable=False, pen=pg.mkPen(_COLORS["capacity"], width=1.5),
-            label="capacity", labelOpts={"position": 0.05, "color": _COLORS["capacity"]},
+            label="capacity", labelOpts={"position": 0.55, "color": _COLORS["capacity"]},
         )
         self.estimate_line = pg.InfiniteLine(
             angle=0, movable=False, pen=pg.mkPen(_COLORS["estimate"], width=1.5, style=Qt.PenStyle.DashLine),
