@@ -27,13 +27,14 @@ DEMO_SETTINGS = {
     "lora": {"r": 16, "alpha": 32.0, "dropout": 0.0, "target_modules": ["all-linear"]},
     "data": {"path": "data.jsonl", "format": "auto", "max_seq_len": 128},
     "train": {
-        "micro_batch_size": 8, "grad_accum_steps": 1, "max_steps": 400, "learning_rate": 1e-3,
+        "micro_batch_size": 8, "grad_accum_steps": 1, "max_steps": 300, "learning_rate": 1e-3,
         "max_grad_norm": 1.0, "gradient_checkpointing": False, "checkpoint_every": 100,
         "log_every": 1, "seed": 42, "optimizer": "paged_adamw_32bit",
     },
     "output": {"runs_dir": "runs"},
 }
 
+LM_HEAD_SCALE = 5.0
 MODEL_SHAPE = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
                "num_key_value_heads": 4, "max_position_embeddings": 512}
 
@@ -81,7 +82,12 @@ def build_model(folder: Path, tokenizer, seed: int = 0) -> None:
         **MODEL_SHAPE,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # With the usual 0.02 init, a frozen output head caps the logits near 5, so the loss could
+        # not fall below about 2 even when every answer is right. A larger head lets it fall to ~0.
+        model.lm_head.weight.mul_(LM_HEAD_SCALE)
+    model = model.to(torch.bfloat16)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from .. import __version__, runs
 from ..config import RunConfig
 from ..events import EventWriter
+from ..monitor.paging import paged_state_bytes
 from . import checkpoint as ckpt
 from . import device as devices
 from .data import IGNORE, Batcher, Dataset, collate, load_dataset
@@ -193,31 +194,13 @@ def versions() -> dict[str, str]:
 
 
 def make_paging_collector(device: torch.device):
-    """CUPTI paging counters when the monitor package can provide them; otherwise none."""
+    """CUPTI paging counters on a GPU; a collector that says why not elsewhere. Never stops training."""
+    from ..monitor.paging import NullCollector, make_collector
+
     try:
-        from ..monitor.paging import make_collector
-    except ImportError as exc:
-        return _NoPaging(f"paging collector not available ({exc})")
-    try:
-        return make_collector(enabled=device.type == "cuda", device=device)
+        return make_collector(enabled=True, device=device)
     except Exception as exc:  # the monitor must never stop training
-        return _NoPaging(f"paging counters failed to start ({exc})")
-
-
-class _NoPaging:
-    def __init__(self, reason: str):
-        self.unavailable = reason
-
-    def phase(self, name: str):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    def flush(self, step: int) -> list[dict[str, Any]]:
-        return []
-
-    def close(self) -> None:
-        pass
+        return NullCollector(f"paging counters failed to start ({exc})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,7 +322,7 @@ class Trainer:
                     self.events.emit(
                         "step", step=step, epoch=round(batcher.epoch_float, 4), loss=step_loss, lr=lr,
                         grad_norm=grad_norm, tokens=tokens_seen, tokens_per_s=step_tokens / step_s if step_s > 0 else None,
-                        step_s=step_s, **devices.memory_stats(device),
+                        step_s=step_s, paged_state_bytes=paged_state_bytes(optimizer), **devices.memory_stats(device),
                     )
                 for record in paging.flush(step):
                     self.events.emit("paging", step=step, **record)
