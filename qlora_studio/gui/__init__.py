@@ -8,3 +8,7 @@ byte of GPU memory goes back when the run ends. Jobs that need a tokenizer run i
 
 Start it with ``qlora-studio`` or ``python -m qlora_studio.gui``.
 """
+
+from . import qt_compat
+
+qt_compat.apply()  # before any window, chart or signal: see qt_compat for the PySide6 bug

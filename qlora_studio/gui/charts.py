@@ -5,8 +5,9 @@ Two measures keep the window responsive (see bench/gui_latency.py for the figure
 * **Bounded memory.** Each curve's points live in a :class:`DecimatingSeries` of fixed capacity:
   the newest quarter exactly, older history as evenly spaced means that get coarser as the run
   grows. Memory is constant and a chart a few hundred pixels wide loses nothing it could show.
-* **Coalesced redraws.** Events only append to the series; a timer pushes the dirty curves to
-  pyqtgraph a few times per second, so 20 (or 2000) events per second cost the same drawing.
+* **Coalesced, staggered redraws.** Events only append to the series; a timer pushes the dirty
+  curves to pyqtgraph, one chart per tick (the loss chart 5 times a second, the others 2.5), so 20
+  (or 2000) events per second cost the same drawing and no single redraw stalls the window.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from typing import Any
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QTimer
-from PySide6.QtWidgets import QGridLayout, QWidget
+from PySide6.QtWidgets import QGraphicsItem, QGridLayout, QWidget
 
 DEFAULT_CAPACITY = 4096
-REDRAW_MS = 200
+#: One chart is redrawn per tick, the loss chart every other tick: a redraw of all three at once
+#: (axis text included) takes longer than the 50 ms the event loop may stall on a slow CPU.
+TICK_MS = 100
+ROTATION = ("loss", "lr", "loss", "speed")
 SMOOTHING = 0.9  # the exponential moving average's weight on history, as in TensorBoard
 
 
@@ -177,6 +181,17 @@ class _Curve:
         self.dirty = False
 
 
+def _nice_ceil(value: float) -> float:
+    """The smallest 1, 2 or 5 × 10^k that is at least ``value`` (and above it)."""
+    if value <= 0:
+        return 1.0
+    base = 10 ** math.floor(math.log10(value))
+    for factor in (1, 2, 5, 10):
+        if factor * base > value:
+            return factor * base
+    return 10 * base
+
+
 def make_plot(object_name: str, title: str, left: str) -> pg.PlotWidget:
     plot = pg.PlotWidget(title=title)
     plot.setObjectName(object_name)
@@ -187,6 +202,10 @@ def make_plot(object_name: str, title: str, left: str) -> pg.PlotWidget:
     item.setLabel("left", left)
     item.setClipToView(True)
     item.setDownsampling(auto=True, mode="peak")
+    for name in ("left", "bottom"):
+        # Axis text is the costliest part of a redraw; an axis whose range did not change is
+        # drawn from a cached pixmap instead (pyqtgraph invalidates it when the range changes).
+        item.getAxis(name).setCacheMode(QGraphicsItem.CacheMode.DeviceCoordinateCache)
     plot.setMinimumHeight(120)
     return plot
 
@@ -195,7 +214,7 @@ class TrainingCharts(QWidget):
     """Loss (raw, smoothed, eval), learning rate and tokens/s against the step, fed by events.
 
     ``on_event`` accepts every event type and ignores what it does not chart. Points are drawn by a
-    timer, at most every ``REDRAW_MS`` ms; :meth:`flush` draws at once.
+    timer (see :data:`ROTATION`); :meth:`flush` draws everything at once.
     """
 
     def __init__(self, parent: QWidget | None = None, *, capacity: int = DEFAULT_CAPACITY, loss_object_name: str = "lossPlot"):
@@ -233,9 +252,13 @@ class TrainingCharts(QWidget):
         grid.setRowStretch(0, 3)
         grid.setRowStretch(1, 2)
 
+        self._groups = {"loss": ("loss", "smoothed", "eval"), "lr": ("lr",), "speed": ("tokens_per_s",)}
+        self._plots = {"loss": self.loss_plot, "lr": self.lr_plot, "speed": self.speed_plot}
+        self._x_end = dict.fromkeys(self._groups, 0.0)
+        self._tick = 0
         self._timer = QTimer(self)
-        self._timer.setInterval(REDRAW_MS)
-        self._timer.timeout.connect(self.flush)
+        self._timer.setInterval(TICK_MS)
+        self._timer.timeout.connect(self._flush_next)
         self._timer.start()
 
     def on_event(self, event: dict[str, Any]) -> None:
@@ -258,13 +281,33 @@ class TrainingCharts(QWidget):
                 self.curves["eval"].append(step, loss)
 
     def flush(self) -> None:
-        for curve in self.curves.values():
+        for group in self._groups:
+            self._flush_group(group)
+
+    def _flush_next(self) -> None:
+        group = ROTATION[self._tick % len(ROTATION)]
+        self._tick += 1
+        self._flush_group(group)
+
+    def _flush_group(self, group: str) -> None:
+        curves = [self.curves[name] for name in self._groups[group]]
+        if not any(curve.dirty for curve in curves):
+            return
+        for curve in curves:
             curve.flush()
+        # The step axis grows in steps (to the next 1, 2 or 5 × 10^k) rather than with every point,
+        # so its cached text stays valid between growths.
+        ends = [last[0] for last in (c.series.last() for c in curves) if last is not None]
+        if ends and max(ends) >= self._x_end[group]:
+            starts = [c.series.data()[0][0] for c in curves if len(c.series)]
+            self._x_end[group] = _nice_ceil(max(ends) * 1.05)
+            self._plots[group].setXRange(min(starts), self._x_end[group], padding=0)
 
     def clear(self) -> None:
         for curve in self.curves.values():
             curve.clear()
         self._ema.reset()
+        self._x_end = dict.fromkeys(self._groups, 0.0)
 
     def load_events(self, events: Any) -> None:
         """Replace the charts with a finished run's events."""

@@ -570,5 +570,8 @@ class MainWindow(QMainWindow):
         self.model_page.shutdown()
         self.dataset_page.shutdown()
         self.runs_page.shutdown()
+        shutdown = getattr(self.monitor_page, "shutdown", None)
+        if shutdown is not None:
+            shutdown()  # its NVML sampler thread
         jobs.shutdown_jobs()
         event.accept()

@@ -36,7 +36,7 @@ from ..charts import TrainingCharts
 from ..help_texts import tip
 from ..widgets import add_row, wrap_label
 
-LOG_LINES = 5000  # the log pane keeps the newest lines; train.log in the run folder has them all
+LOG_LINES = 2000  # the log pane keeps the newest lines (bounded memory); train.log in the run folder has them all
 
 
 def format_duration(seconds: float) -> str:
