@@ -9,6 +9,7 @@ current step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -164,6 +165,35 @@ def _head_ce(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Te
     return F.cross_entropy(F.linear(h, weight).float(), y, reduction="sum")
 
 
+def train_step(model, batches: list[dict[str, torch.Tensor]], params: list[torch.nn.Parameter], optimizer, scheduler,
+               cfg: RunConfig, device: torch.device, paging=None) -> tuple[float, float, float]:
+    """One optimizer step over ``batches`` (the micro-batches of one step); returns (loss, grad_norm, lr).
+
+    The loss of every micro-batch is divided by the learned tokens of the whole step, so the
+    accumulated gradient equals that of one batch holding all of them.
+    """
+    phase = paging.phase if paging is not None else (lambda name: contextlib.nullcontext())
+    n_learned = max(1, sum(count_learned(b["labels"]) for b in batches))
+    total = torch.zeros((), device=device)
+    for b in batches:
+        b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        with phase("forward"):
+            loss = loss_sum(model, b, cfg.train.loss_impl) / n_learned
+        with phase("backward"):
+            loss.backward()
+        total += loss.detach()
+    if cfg.train.max_grad_norm > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+    else:
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    lr = scheduler.get_last_lr()[0]
+    with phase("optimizer"):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return float(total), float(grad_norm), lr
+
+
 @torch.no_grad()
 def evaluate(model, examples, cfg: RunConfig, pad_id: int, device: torch.device) -> float:
     model.eval()
@@ -293,25 +323,8 @@ class Trainer:
                     return Outcome("stopped", step)
                 start = time.perf_counter()
                 batches = [collate(batcher.next(), pad_id) for _ in range(cfg.train.grad_accum_steps)]
-                n_learned = sum(count_learned(b["labels"]) for b in batches)
                 step_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-                step_loss = 0.0
-                for b in batches:
-                    b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-                    with paging.phase("forward"):
-                        loss = loss_sum(model, b, cfg.train.loss_impl) / max(1, n_learned)
-                    with paging.phase("backward"):
-                        loss.backward()
-                    step_loss += float(loss.detach())
-                if cfg.train.max_grad_norm > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm))
-                else:
-                    grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-                lr = scheduler.get_last_lr()[0]
-                with paging.phase("optimizer"):
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
+                step_loss, grad_norm, lr = train_step(model, batches, params, optimizer, scheduler, cfg, device, paging)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 step += 1
