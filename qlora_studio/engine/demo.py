@@ -39,8 +39,16 @@ MODEL_SHAPE = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers"
                "num_key_value_heads": 4, "max_position_embeddings": 512}
 
 
+def resource_text(name: str) -> str:
+    """A file of ``resources/``: from the installed package, or from a source checkout run in place."""
+    try:
+        return resources.files("qlora_studio.resources").joinpath(name).read_text(encoding="utf-8")
+    except ModuleNotFoundError:
+        return (Path(__file__).resolve().parents[2] / "resources" / name).read_text(encoding="utf-8")
+
+
 def demo_records() -> list[dict]:
-    text = resources.files("qlora_studio.resources").joinpath(DEMO_DATA).read_text(encoding="utf-8")
+    text = resource_text(DEMO_DATA)
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
