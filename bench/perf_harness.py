@@ -291,9 +291,13 @@ def main() -> int:
         result_file = model_dir.parent / f"{args.shape}-{name}.json"
         result_file.unlink(missing_ok=True)
         t0 = time.perf_counter()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        if name == "unsloth" and os.environ.get("QS_PEER_PATH"):
+            # The peer's own pins (datasets 4.x, trl) come first, for its process only.
+            env["PYTHONPATH"] = os.pathsep.join([os.environ["QS_PEER_PATH"], env.get("PYTHONPATH", "")])
         proc = subprocess.run([sys.executable, __file__, "--worker", name, "--shape", args.shape, "--model", str(model_dir),
                                "--steps", str(args.steps), "--result", str(result_file)],
-                              capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                              capture_output=True, text=True, env=env)
         if proc.returncode == 0 and result_file.exists():
             row = json.loads(result_file.read_text())
         else:

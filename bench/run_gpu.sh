@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU work of a session in one command: the `gpu`-marked tests and the GPU benchmarks.
+#
+#   bash bench/run_gpu.sh OUT_DIR [PART ...]
+#
+# PART is any of: tests perf1b perf8b estimate monitor (default: tests perf1b). Wheels of packages
+# the GPU machine lacks are taken from .whl/ (and the Unsloth peer from .peer/) when present:
+# `bash ../shared/device/wheels.sh --peer gguf` fills them. Logs and result files go to OUT_DIR.
+set -uo pipefail
+out=${1:?usage: bash bench/run_gpu.sh OUT_DIR [PART ...]}; shift
+parts=${*:-tests perf1b}
+mkdir -p "$out"
+site=$(mktemp -d)
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
+fi
+if compgen -G ".peer/*.whl" >/dev/null; then
+  peer=$(mktemp -d)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$peer" .peer/*.whl || exit 1
+  export QS_PEER_PATH=$peer
+fi
+export PYTHONPATH=$site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export QS_BENCH_MODELS=${QS_BENCH_MODELS:-$(mktemp -d)}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c 'import torch, transformers, peft, bitsandbytes; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "bitsandbytes", bitsandbytes.__version__)'
+status=0
+for part in $parts; do
+  start=$(date +%s)
+  case $part in
+    tests) python3 -m pytest -m gpu tests/engine tests/monitor -v -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -40 ;;
+    perf1b) python3 bench/perf_harness.py --shape 1b --results "$out" ;;
+    perf8b) python3 bench/perf_harness.py --shape 8b --results "$out" ;;
+    estimate) python3 bench/estimate_accuracy.py ;;
+    monitor) python3 bench/monitor_cost.py ;;
+    *) echo "unknown part $part"; status=2 ;;
+  esac
+  rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || status=$rc
+  echo "== $part: exit $rc in $(( $(date +%s) - start )) s"
+done
+# Results that scripts wrote into bench/results today travel back too.
+cp bench/results/*-"$(date +%F)"-* "$out"/ 2>/dev/null
+exit $status
