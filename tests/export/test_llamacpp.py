@@ -23,9 +23,13 @@ TOKENS = 24
 
 
 def _hf_greedy(model, ids: list[int]) -> list[int]:
+    """Argmax continuation for TOKENS tokens, through end-of-sequence tokens as llama.cpp's loop does
+    (``generate`` would stop there, or with ``min_new_tokens`` forbid them)."""
+    seq = list(ids)
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False)
-    return out[0, len(ids):].tolist()
+        for _ in range(TOKENS):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids):]
 
 
 def _llama_cpp_greedy(model_path, ids: list[int], lora_path=None) -> tuple[list[int], list[int]]:
@@ -86,3 +90,42 @@ def test_q8_0_and_bf16_files_load_and_generate(llama_run, tmp_path):
         out = export(llama_run.run, "gguf", out=tmp_path / dtype, gguf_dtype=dtype)
         _, generated = _llama_cpp_greedy(out / f"run-{dtype}.gguf", [0, 275, 300, 297])
         assert len(generated) == TOKENS
+
+
+def test_demo_run_exports_agree_with_transformers(demo_template, tmp_path):
+    """The offline demo, trained briefly: llama.cpp continues a demo question exactly as transformers
+    does, from the merged GGUF and from the base GGUF with the LoRA GGUF."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_studio import formats
+
+    demo = tmp_path / "demo"
+    shutil.copytree(demo_template, demo)
+    run = demo / "runs" / "short"
+    proc = subprocess.run([sys.executable, "-m", "qlora_studio", "train", str(demo / "config.toml"), "--output", str(run),
+                           "--max-steps", "40"], capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gguf_dir = export(run, "gguf", out=tmp_path / "gguf", gguf_include_base=True)
+    merged_dir = export(run, "merged", out=tmp_path / "merged")
+
+    tok = AutoTokenizer.from_pretrained(demo / "model")
+    question = json.loads((demo / "data.jsonl").read_text().splitlines()[0])["instruction"]
+    text = tok.bos_token + formats.render_prompt_default([{"role": "user", "content": question}])
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    _, got = _llama_cpp_greedy(next(gguf_dir.glob("short-f16.gguf")), ids)
+    assert got == _hf_greedy(merged, ids)
+
+    base = AutoModelForCausalLM.from_pretrained(demo / "model", dtype=torch.float32)
+    tuned = PeftModel.from_pretrained(base, run / "adapter").eval()
+    _, got_lora = _llama_cpp_greedy(next(gguf_dir.glob("base-*.gguf")), ids, lora_path=gguf_dir / "short-lora-f32.gguf")
+    assert got_lora == _hf_greedy(tuned, ids)

@@ -22,7 +22,7 @@ GGUF_DTYPES = ("f16", "bf16", "q8_0")
 
 Progress = Callable[[float, str], None]
 
-__all__ = ["FORMATS", "GGUF_DTYPES", "MERGE_BASES", "ExportError", "default_out", "export"]
+__all__ = ["FORMATS", "GGUF_DTYPES", "MERGE_BASES", "ExportError", "default_out", "default_out_for", "export"]
 
 
 def _silent(fraction: float, message: str) -> None:
@@ -34,14 +34,21 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ExportError(f"{name} {value!r} is not a valid choice", fix=f"Use one of: {', '.join(choices)}.")
 
 
-def default_out(source, fmt: str, gguf_dtype: str = "f16") -> Path:
-    """``RUN_DIR/exports/<format>[-<dtype>][-step<N>]``; next to a bare adapter folder otherwise."""
+def default_out_for(folder: str | Path, fmt: str, gguf_dtype: str = "f16", checkpoint: int | None = None,
+                    is_run: bool = True) -> Path:
+    """``RUN_DIR/exports/<format>[-<dtype>][-step<N>]`` for a run; ``<ADAPTER>-<format>...`` beside a
+    bare adapter folder. Torch-free, for the GUI."""
     name = f"gguf-{gguf_dtype}" if fmt == "gguf" else fmt
-    if source.checkpoint is not None:
-        name += f"-step{source.checkpoint}"
+    if checkpoint is not None:
+        name += f"-step{checkpoint}"
+    folder = Path(folder)
+    return folder / "exports" / name if is_run else folder.parent / f"{folder.name}-{name}"
+
+
+def default_out(source, fmt: str, gguf_dtype: str = "f16") -> Path:
     if source.run_dir is not None:
-        return source.run_dir / "exports" / name
-    return source.adapter_dir.parent / f"{source.adapter_dir.name}-{name}"
+        return default_out_for(source.run_dir, fmt, gguf_dtype, source.checkpoint)
+    return default_out_for(source.adapter_dir, fmt, gguf_dtype, source.checkpoint, is_run=False)
 
 
 def export(

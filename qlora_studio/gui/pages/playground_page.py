@@ -323,6 +323,20 @@ class PlaygroundPage(QWidget):
         if self.run_dir is not None and not has_adapter:
             self.status.setText("This run has no adapter yet: it appears after the first checkpoint.")
 
+    def showEvent(self, event: Any) -> None:  # noqa: N802 - Qt's name
+        super().showEvent(event)
+        if self.target() is not None:
+            self.ensure_worker()  # it imports torch while the person types
+
+    def ensure_worker(self) -> JsonLinesProcess:
+        if self.worker is None or not self.worker.isRunning():
+            self.worker = JsonLinesProcess(self)
+            self.worker.event.connect(self._on_event)
+            self.worker.exited.connect(self._on_exit)
+            self.worker.start(WORKER)
+            self.loaded_key = None
+        return self.worker
+
     def _use_example(self, index: int) -> None:
         text = self.examples.itemData(index)
         if text:
@@ -349,12 +363,7 @@ class PlaygroundPage(QWidget):
         if not self.prompt.toPlainText().strip():
             self.status.setText("Type a prompt first.")
             return
-        if self.worker is None or not self.worker.isRunning():
-            self.worker = JsonLinesProcess(self)
-            self.worker.event.connect(self._on_event)
-            self.worker.exited.connect(self._on_exit)
-            self.worker.start(WORKER)
-            self.loaded_key = None
+        self.ensure_worker()
         if self.loaded_key != target:
             self.worker.send({"op": "load", "target": target[0], "checkpoint": target[1]})
             self.loaded_key = target
