@@ -12,6 +12,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def git_commit() -> str:
+    import os
+
+    if os.environ.get("QS_COMMIT"):  # a copy of the tree without .git (the GPU machine)
+        return os.environ["QS_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
         return out.stdout.strip() or "unknown"

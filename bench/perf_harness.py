@@ -78,7 +78,7 @@ def batches(shape: str, steps: int, seed: int = 1234):
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def run_config(model_dir: Path, *, gradient_checkpointing=True, loss_impl="standard"):
+def run_config(model_dir: Path, *, gradient_checkpointing=True, loss_impl="chunked"):
     from qlora_studio import config as C
 
     return C.from_dict({
@@ -110,7 +110,7 @@ def auto_settings(shape: str, device) -> dict:
         free, total = torch.cuda.mem_get_info()
         est = estimate(read_model_config(os.environ["QS_BENCH_MODEL"]), cfg, gpu_total=total, gpu_free=free)
         settings["gradient_checkpointing"] = est.verdict != "fits"
-        settings["estimate_gb"] = round(est.total / 1e9, 2)
+        settings["estimate_gb"] = round(est.peak / 1e9, 2)
     except Exception as exc:  # the estimate is advisory here; fall back to recomputation
         settings["estimate_error"] = str(exc)[:200]
     return settings

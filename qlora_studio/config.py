@@ -142,7 +142,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 1
     device: str = "auto"
-    loss_impl: str = "standard"
+    loss_impl: str = "chunked"
 
     def __post_init__(self) -> None:
         _positive("train.micro_batch_size", self.micro_batch_size)

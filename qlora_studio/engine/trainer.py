@@ -36,7 +36,7 @@ from .model import load_model
 
 log = logging.getLogger(__name__)
 
-LOSS_CHUNK_TOKENS = 4096
+LOSS_CHUNK_TOKENS = 1024
 
 
 # ----------------------------------------------------------------------------------------------

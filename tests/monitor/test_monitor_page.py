@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pynvml
 import pytest
+
+pytest.importorskip("PySide6", reason="the page needs PySide6")
+from PySide6.QtWidgets import QComboBox, QLabel, QTableWidget  # noqa: E402
 from monitor_fakes import GIB, MIB, FakeGpu, FakeNvml
-from PySide6.QtWidgets import QComboBox, QLabel, QTableWidget
 
 from qlora_studio import events
 from qlora_studio.gui.pages.monitor_page import MAX_TABLE_ROWS, MonitorPage
