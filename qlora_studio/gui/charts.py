@@ -25,6 +25,7 @@ DEFAULT_CAPACITY = 4096
 #: (axis text included) takes longer than the 50 ms the event loop may stall on a slow CPU.
 TICK_MS = 100
 ROTATION = ("loss", "lr", "loss", "speed")
+FROM_ZERO = ("lr", "speed")
 SMOOTHING = 0.9  # the exponential moving average's weight on history, as in TensorBoard
 
 
@@ -181,15 +182,15 @@ class _Curve:
         self.dirty = False
 
 
+NICE = (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10)
+
+
 def _nice_ceil(value: float) -> float:
-    """The smallest 1, 2 or 5 × 10^k that is at least ``value`` (and above it)."""
+    """The smallest round number (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 × 10^k) above ``value``."""
     if value <= 0:
         return 1.0
     base = 10 ** math.floor(math.log10(value))
-    for factor in (1, 2, 5, 10):
-        if factor * base > value:
-            return factor * base
-    return 10 * base
+    return next(f * base for f in NICE if f * base > value)
 
 
 def make_plot(object_name: str, title: str, left: str) -> pg.PlotWidget:
@@ -255,6 +256,7 @@ class TrainingCharts(QWidget):
         self._groups = {"loss": ("loss", "smoothed", "eval"), "lr": ("lr",), "speed": ("tokens_per_s",)}
         self._plots = {"loss": self.loss_plot, "lr": self.lr_plot, "speed": self.speed_plot}
         self._x_end = dict.fromkeys(self._groups, 0.0)
+        self._y_top = dict.fromkeys(self._groups, 0.0)
         self._tick = 0
         self._timer = QTimer(self)
         self._timer.setInterval(TICK_MS)
@@ -295,19 +297,27 @@ class TrainingCharts(QWidget):
             return
         for curve in curves:
             curve.flush()
-        # The step axis grows in steps (to the next 1, 2 or 5 × 10^k) rather than with every point,
+        # The step axis grows in steps (to the next round number) rather than with every point,
         # so its cached text stays valid between growths.
         ends = [last[0] for last in (c.series.last() for c in curves) if last is not None]
         if ends and max(ends) >= self._x_end[group]:
             starts = [c.series.data()[0][0] for c in curves if len(c.series)]
             self._x_end[group] = _nice_ceil(max(ends) * 1.05)
             self._plots[group].setXRange(min(starts), self._x_end[group], padding=0)
+        if group in FROM_ZERO:
+            # Learning rate and throughput are read against zero (a constant learning rate would
+            # otherwise sit in the middle of an arbitrary range).
+            top = max((float(c.series.data()[1].max()) for c in curves if len(c.series)), default=0.0)
+            if top > 0 and top * 1.05 > self._y_top[group]:
+                self._y_top[group] = _nice_ceil(top * 1.1)
+                self._plots[group].setYRange(0, self._y_top[group], padding=0)
 
     def clear(self) -> None:
         for curve in self.curves.values():
             curve.clear()
         self._ema.reset()
         self._x_end = dict.fromkeys(self._groups, 0.0)
+        self._y_top = dict.fromkeys(self._groups, 0.0)
 
     def load_events(self, events: Any) -> None:
         """Replace the charts with a finished run's events."""

@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
     MonitorPage = None  # type: ignore[assignment,misc]
 
 CONFIG_FILTER = "Run configuration (*.toml);;All files (*)"
-PAGE_TITLES = ("&Model", "&Dataset", "&Training", "GPU M&onitor", "&Export", "R&uns")
+PAGE_TITLES = ("Model", "Dataset", "Training", "GPU Monitor", "Export", "Runs")  # Ctrl+1 … Ctrl+6
 
 
 def demo_config(demo_dir: Path) -> cfgmod.RunConfig:
@@ -109,10 +109,11 @@ class MainWindow(QMainWindow):
         self._build_pages()
         self._build_menus()
         self._connect()
-        self._restore()
-        self._read_gpu()
         if prepare_demo:
             self._ensure_demo()
+        self._restore()
+        self._read_gpu()
+        self.runs_page.refresh()  # in the background: what Resume would continue
 
     # ------------------------------------------------------------------ construction
 
@@ -134,7 +135,8 @@ class MainWindow(QMainWindow):
         names = ("modelPage", "datasetPage", "trainingPage", "monitorPage", "exportPage", "runsPage")
         for page, title, name in zip(pages, PAGE_TITLES, names):
             page.setObjectName(name)
-            self.tabs.addTab(page, title)
+            index = self.tabs.addTab(page, title)
+            self.tabs.setTabToolTip(index, f"{title} (Ctrl+{index + 1})")
         self.setCentralWidget(self.tabs)
         self.demo_label = QLabel()
         self.demo_label.setObjectName("demoStatus")
@@ -161,7 +163,7 @@ class MainWindow(QMainWindow):
         run_menu = self.menuBar().addMenu("&Run")
         self.start_action = action("&Start", "F5", self.start_run, "startAction")
         self.stop_action = action("S&top", "Shift+F5", self.stop_run, "stopAction")
-        self.resume_action = action("&Resume last run", None, self.resume_last, "resumeAction")
+        self.resume_action = action("Resu&me last run", None, self.resume_last, "resumeAction")
         for act in (self.start_action, self.stop_action, self.resume_action):
             run_menu.addAction(act)
 
@@ -186,6 +188,7 @@ class MainWindow(QMainWindow):
         self.model_page.facts_loaded.connect(self._model_facts)
         self.dataset_page.source_committed.connect(lambda text: self._remember("datasets", text))
         self.runs_page.resume_requested.connect(self.resume_run)
+        self.runs_page.listed.connect(self._update_resume)
 
         self.run.started.connect(self._run_started)
         self.run.event.connect(self._on_event)
@@ -364,8 +367,13 @@ class MainWindow(QMainWindow):
             return
         if self.demo.start():
             self.demo_label.setText("Preparing the demo model…")
+            note = (str(self.state.demo_dir), "The demo is being created (a few seconds on first launch)…")
+            self.model_page.waiting_for = self.dataset_page.waiting_for = note
+            self.model_page.refresh_facts()
+            self.dataset_page.rescan()
 
     def _demo_ready(self, demo_dir: Path) -> None:
+        self.model_page.waiting_for = self.dataset_page.waiting_for = None
         self.demo_label.setText("Demo ready.")
         QTimer.singleShot(5000, lambda: self.demo_label.setText(""))
         # Fields pointing at the demo can now be read.
@@ -378,6 +386,7 @@ class MainWindow(QMainWindow):
             self.start_run()
 
     def _demo_failed(self, message: str) -> None:
+        self.model_page.waiting_for = self.dataset_page.waiting_for = None
         self.demo_label.setText("The demo could not be created.")
         if self._start_when_demo_ready:
             self._start_when_demo_ready = False
@@ -435,10 +444,11 @@ class MainWindow(QMainWindow):
         self.run.resume(Path(run_dir))
 
     def resume_target(self) -> Path | None:
-        """The run Resume continues: the last one of this session, else the newest resumable one."""
+        """The run Resume continues: the last one of this session, else the newest resumable one
+        (from the Runs page's list, which is read in the background)."""
         if self.last_result is not None and runs.summarize(self.last_result.run_dir).resumable:
             return self.last_result.run_dir
-        for summary in runs.list_runs(self.state.runs_dir):
+        for summary in self.runs_page.summaries:
             if summary.resumable:
                 return summary.path
         return None
@@ -570,8 +580,9 @@ class MainWindow(QMainWindow):
         self.model_page.shutdown()
         self.dataset_page.shutdown()
         self.runs_page.shutdown()
-        shutdown = getattr(self.monitor_page, "shutdown", None)
-        if shutdown is not None:
-            shutdown()  # its NVML sampler thread
+        for page in (self.monitor_page, self.export_page):
+            shutdown = getattr(page, "shutdown", None)
+            if shutdown is not None:
+                shutdown()  # the monitor's NVML sampler thread, a running export
         jobs.shutdown_jobs()
         event.accept()

@@ -46,7 +46,7 @@ class PathField(QWidget):
         self.edit.setClearButtonEnabled(True)
         self._browse = browse
         self._last = ""
-        self.browse_button = QPushButton("&Browse…")
+        self.browse_button = QPushButton("Browse…")
         self.browse_button.setObjectName(f"{object_name}Browse")
         self.recent_button = QToolButton()
         self.recent_button.setText("Recent")

@@ -1,4 +1,4 @@
-"""The Dataset, Runs and Export pages on real files."""
+"""The Model, Dataset and Runs pages on real files."""
 
 from __future__ import annotations
 
@@ -100,14 +100,6 @@ def test_runs_page_lists_overlays_and_deletes(window, qtbot):
     page.confirm = lambda title, text: "b-stopped" in text
     assert page.delete_selected() == [stopped] and not stopped.exists()
     qtbot.waitUntil(lambda: table.rowCount() == 1, timeout=10_000)
-
-
-def test_export_page_lists_a_runs_adapter_and_checkpoints(window, qtbot):
-    run_dir = write_run(window.state.runs_dir, "done", "finished", [2.0, 1.0], checkpoint_step=2)
-    window.tabs.setCurrentWidget(window.export_page)
-    kinds = [kind for kind, _ in window.export_page.artifacts()]
-    assert kinds == ["Final adapter", "Checkpoint"]
-    assert window.export_page.artifacts()[0][1] == str(run_dir / runs.ADAPTER)
 
 
 def test_model_page_shows_config_facts_targets_and_an_estimate(window, qtbot, tmp_path):

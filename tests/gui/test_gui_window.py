@@ -120,3 +120,19 @@ def test_broken_dataset_shows_an_error_and_the_window_keeps_working(window, qtbo
     qtbot.waitUntil(lambda: window.dataset_page.error is None and window.dataset_page.detected_format == "alpaca", timeout=10_000)
     assert window.findChild(QPushButton, "startButton").isEnabled()
     assert not window.run.running
+
+
+def test_first_launch_builds_the_demo_and_start_waits_for_it(make_window, qtbot, tmp_path):
+    window = make_window(tmp_path / "fresh-home")  # no demo yet: the window creates it
+    assert window.demo.isRunning()
+    assert "being created" in window.model_page.facts_status.text()
+    assert "being created" in window.dataset_page.scan_note.text()
+    assert window.dataset_page.error is None  # not a "file not found" error while it is built
+
+    click(qtbot, window, "startButton")  # before the demo is ready: the run waits for it
+    assert not window.run.running and "as soon as the demo" in window.training_page.status.text()
+    qtbot.waitUntil(lambda: loss_points(window) >= 1, timeout=180_000)
+    assert window.model_page.facts is not None  # the pages read the demo once it was there
+    click(qtbot, window, "stopButton")
+    qtbot.waitUntil(lambda: not window.run.running, timeout=90_000)
+    assert window.last_result.outcome is Outcome.STOPPED

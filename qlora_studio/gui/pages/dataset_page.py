@@ -105,6 +105,8 @@ class DatasetPage(QWidget):
         self._generation = 0  # answers of older requests are ignored
         self._column_boxes: dict[str, QComboBox] = {}
         self._mapping_from_config: dict[str, str] = {}
+        #: (path prefix, note): see ModelPage.waiting_for.
+        self.waiting_for: tuple[str, str] | None = None
         self._loading = False
 
         # --- source and format
@@ -124,7 +126,7 @@ class DatasetPage(QWidget):
         form = QFormLayout(source_box)
         add_row(form, "&Dataset:", self.source)
         add_row(form, "Hub s&plit:", self.split, "data.split")
-        add_row(form, "&Format:", self.format, "data.format")
+        add_row(form, "For&mat:", self.format, "data.format")
         add_row(form, "Detected:", self.detected)
         form.addRow(QLabel("Column mapping:"))
         form.addRow(self.columns_form)
@@ -151,9 +153,9 @@ class DatasetPage(QWidget):
         split_form = QFormLayout(split_box)
         add_row(split_form, "Max &sequence length:", self.max_seq_len, "data.max_seq_len")
         split_form.addRow("", self.train_on_prompt)
-        add_row(split_form, "&Validation fraction:", self.val_fraction, "data.val_fraction")
-        add_row(split_form, "Validation &file:", self.val_path)
-        add_row(split_form, "S&huffle seed:", self.shuffle_seed, "data.shuffle_seed")
+        add_row(split_form, "Val&idation fraction:", self.val_fraction, "data.val_fraction")
+        add_row(split_form, "Validation fi&le:", self.val_path)
+        add_row(split_form, "Shuffle s&eed:", self.shuffle_seed, "data.shuffle_seed")
 
         # --- status
         self.busy = BusyIndicator()
@@ -326,11 +328,12 @@ class DatasetPage(QWidget):
         generation = self._generation
         self._cancel_scan()
         path = self.source.text()
-        if not path:
+        waiting = self.waiting_for is not None and path.startswith(self.waiting_for[0])
+        if not path or waiting:
             self._show_error(None)
             self._set_preview([])
             self._set_lengths([])
-            self.scan_note.setText("Pick a dataset file or type a hub dataset id.")
+            self.scan_note.setText(self.waiting_for[1] if waiting else "Pick a dataset file or type a hub dataset id.")
             return
         fmt = self.format.currentData()
         mapping = self.mapping()

@@ -103,6 +103,9 @@ class ModelPage(QWidget):
         self._pending_source: str | None = None
         self._module_boxes: dict[str, QCheckBox] = {}
         self.facts: dict[str, Any] | None = None
+        #: (path prefix, note): files under the prefix are still being created (the demo on first
+        #: launch); the page shows the note instead of a "not found" error until it is cleared.
+        self.waiting_for: tuple[str, str] | None = None
 
         # --- source
         self.source = PathField("modelSource", "hub id (org/name) or a local model folder", pick_folder)
@@ -122,7 +125,7 @@ class ModelPage(QWidget):
         row.addWidget(self.source, 1)
         row.addWidget(self.demo_button)
         add_row(source_form, "&Model:", source_row)
-        add_row(source_form, "Re&vision:", self.revision, "model.revision")
+        add_row(source_form, "Revisio&n:", self.revision, "model.revision")
         add_row(source_form, "Attention:", self.attn, "model.attn_implementation")
         self.trust_remote_code.setToolTip(tip("model.trust_remote_code"))
         source_form.addRow("", self.trust_remote_code)
@@ -136,6 +139,7 @@ class ModelPage(QWidget):
         facts_layout.addWidget(self.busy)
         facts_layout.addWidget(self.facts_status)
         facts_layout.addLayout(self.facts_form)
+        facts_layout.addStretch(1)
 
         # --- quantization
         self.quant_type = QComboBox()
@@ -174,7 +178,7 @@ class ModelPage(QWidget):
         self.modules_note = wrap_label("The model's linear layers appear here once its config.json is read.")
         lora_box = QGroupBox("LoRA adapters")
         lora_form = QFormLayout(lora_box)
-        add_row(lora_form, "&Rank r:", self.lora_r, "lora.r")
+        add_row(lora_form, "Ran&k r:", self.lora_r, "lora.r")
         add_row(lora_form, "&Alpha:", self.lora_alpha, "lora.alpha")
         add_row(lora_form, "Dro&pout:", self.lora_dropout, "lora.dropout")
         targets = QWidget()
@@ -292,6 +296,9 @@ class ModelPage(QWidget):
         source = self.source.text()
         if not source:
             self._show_facts_message("Pick a model to see what its config.json says.")
+            return
+        if self.waiting_for is not None and source.startswith(self.waiting_for[0]):
+            self._show_facts_message(self.waiting_for[1])
             return
         if self._job is not None and self._job.isRunning():
             self._pending_source = source  # read it when the current read ends

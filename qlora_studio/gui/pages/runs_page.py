@@ -67,6 +67,7 @@ class RunChartsWindow(QWidget):
 class RunsPage(QWidget):
     resume_requested = Signal(object)  # Path of the run folder
     run_deleted = Signal(object)
+    listed = Signal()  # a (background) listing has refreshed ``summaries``
 
     def __init__(self, runs_dir: Path, parent: QWidget | None = None):
         super().__init__(parent)
@@ -91,15 +92,15 @@ class RunsPage(QWidget):
         header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
         header.setStretchLastSection(True)
 
-        self.refresh_button = QPushButton("Re&fresh")
+        self.refresh_button = QPushButton("Refre&sh")
         self.charts_button = QPushButton("Open &charts")
         self.charts_button.setObjectName("openChartsButton")
-        self.resume_button = QPushButton("&Resume")
+        self.resume_button = QPushButton("Resu&me")
         self.resume_button.setObjectName("runsResumeButton")
         self.stop_button = QPushButton("Sto&p")
         self.stop_button.setObjectName("runsStopButton")
         self.stop_button.setToolTip("Ask a run that trains without this window (left running in the background) to stop.")
-        self.folder_button = QPushButton("Show &folder")
+        self.folder_button = QPushButton("Show f&older")
         self.delete_button = QPushButton("&Delete…")
         self.delete_button.setObjectName("deleteRunButton")
         buttons = QHBoxLayout()
@@ -203,6 +204,7 @@ class RunsPage(QWidget):
                 self.table.selectRow(row)
         self.table.blockSignals(False)
         self._selection_changed()
+        self.listed.emit()
 
     # ------------------------------------------------------------------ selection
 

@@ -1,0 +1,112 @@
+"""Screenshots of the app's pages during a real demo run, for the README (docs/screenshots/*.png).
+
+It opens the real main window on an X display, lets it prepare the demo exactly as a first launch
+does, presses Start on the preselected demo, and captures each page while the run trains; then it
+presses Stop and captures the Runs and Export pages with the stopped run. Nothing is staged: the
+charts show the run's real events.
+
+Run (from the repository root; xvfb-run gives it a virtual display):
+
+    xvfb-run -a -s "-screen 0 1920x1200x24" python scripts/screenshots.py
+
+Options: ``--out DIR`` (default docs/screenshots), ``--steps N`` (loss points to wait for before the
+Training page is captured), ``--scale F`` (QT_SCALE_FACTOR, e.g. 1.25 or 2 to check readability).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = (1440, 900)
+
+
+def wait(app, condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        app.processEvents()
+        time.sleep(0.02)
+
+
+def settle(app, seconds: float = 0.6) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        app.processEvents()
+        time.sleep(0.02)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--scale", type=float, default=None)
+    parser.add_argument("--home", type=Path, default=None, help="the app's data folder (default: a fresh temporary one)")
+    args = parser.parse_args()
+    if not os.environ.get("DISPLAY") and os.environ.get("QT_QPA_PLATFORM") != "offscreen":
+        raise SystemExit("no X display: run under xvfb-run (see the module docstring)")
+    if args.scale:
+        os.environ["QT_SCALE_FACTOR"] = str(args.scale)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(ROOT))
+
+    from qlora_studio.gui.app import make_application
+    from qlora_studio.gui.app_state import AppState
+    from qlora_studio.gui.main_window import MainWindow
+
+    app = make_application()
+    home = args.home
+    if home is None:
+        # The script's own scratch folder, with a plain name since it shows in the pictures.
+        home = Path(tempfile.gettempdir()) / "qlora-studio-screenshots"
+        shutil.rmtree(home, ignore_errors=True)
+    window = MainWindow(AppState.create(home))
+    window.resize(*SIZE)
+    window.show()
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = f"@{args.scale:g}x" if args.scale else ""
+
+    def shot(page, name: str) -> None:
+        window.tabs.setCurrentWidget(page)
+        settle(app)
+        window.training_page.charts.flush()
+        settle(app, 0.3)
+        path = args.out / f"{name}{suffix}.png"
+        window.grab().save(str(path))
+        print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+    # First launch: the demo is created in the background, then the pages read it.
+    wait(app, lambda: (window.state.demo_dir / "config.toml").exists(), 300, "the demo to be created")
+    wait(app, lambda: window.model_page.facts is not None, 60, "the model's config.json")
+    wait(app, lambda: window.dataset_page.lengths.size > 0, 120, "the dataset scan")
+    shot(window.model_page, "model")
+    shot(window.dataset_page, "dataset")
+
+    window.training_page.start_button.click()
+    wait(app, lambda: window.training_page.charts.point_count("loss") >= args.steps, 900, f"{args.steps} loss points")
+    wait(app, lambda: window.training_page.charts.point_count("eval") >= 1, 600, "an evaluation point")
+    shot(window.training_page, "training")
+    shot(window.monitor_page, "monitor")
+
+    window.training_page.stop_button.click()
+    wait(app, lambda: not window.run.running, 120, "the run to stop")
+    shot(window.training_page, "training-stopped")
+    window.runs_page.refresh()
+    wait(app, lambda: window.runs_page.table.rowCount() >= 1, 30, "the runs list")
+    window.runs_page.table.selectRow(0)
+    shot(window.runs_page, "runs")
+    window.export_page.refresh()
+    shot(window.export_page, "export")
+    window.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
