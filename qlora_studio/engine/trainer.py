@@ -32,6 +32,7 @@ from ..monitor.paging import paged_state_bytes
 from . import checkpoint as ckpt
 from . import device as devices
 from .data import IGNORE, Batcher, Dataset, collate, load_dataset
+from .losses import frozen_head_cross_entropy
 from .model import load_model
 
 log = logging.getLogger(__name__)
@@ -135,8 +136,8 @@ def loss_sum(model, batch: dict[str, torch.Tensor], impl: str = "standard") -> t
     """Summed next-token cross-entropy over the learned tokens of a micro-batch.
 
     ``standard`` materialises the logits of every position (as transformers does). ``chunked``
-    computes the output head only for learned positions, a chunk at a time under activation
-    checkpointing, so the full-vocabulary logits never exist at once. Both give the same sum.
+    computes the output head only for learned positions, a chunk at a time (losses.py), so the
+    full-vocabulary logits never exist at once. Both give the same sum.
     """
     labels = batch["labels"][:, 1:]
     if impl == "chunked":
@@ -148,6 +149,8 @@ def loss_sum(model, batch: dict[str, torch.Tensor], impl: str = "standard") -> t
             y = labels.reshape(-1)
             keep = (y != IGNORE).nonzero().squeeze(1)
             h, y = h.index_select(0, keep), y.index_select(0, keep)
+            if not head.weight.requires_grad:
+                return frozen_head_cross_entropy(h, head.weight, y, LOSS_CHUNK_TOKENS)
             total = hidden.new_zeros((), dtype=torch.float32)
             for start in range(0, h.shape[0], LOSS_CHUNK_TOKENS):
                 total = total + activation_checkpoint(
