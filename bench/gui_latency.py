@@ -191,7 +191,7 @@ def in_process_parts(rate: float, seconds: float, points: int, window_points: in
         loop.exec()
         timer.stop()
         window.run.event.disconnect(events.append)
-        gaps = [(b - a) * 1000 - 10 for a, b in zip(ticks, ticks[1:])]
+        gaps = [(b - a) * 1000 - 10 for a, b in zip(ticks, ticks[1:], strict=False)]
         return [max(0.0, g) for g in gaps], len(events)
 
     quiet, _ = measure_loop(min(seconds, 10))

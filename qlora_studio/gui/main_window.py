@@ -25,9 +25,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from .. import __version__
+from .. import __version__, runs
 from .. import config as cfgmod
-from .. import runs
 from ..errors import UserError
 from . import jobs, presets, vram
 from .app_state import DISPLAY_NAME, AppState
@@ -133,7 +132,7 @@ class MainWindow(QMainWindow):
         self.tabs.setDocumentMode(True)
         pages = (self.model_page, self.dataset_page, self.training_page, self.monitor_page, self.export_page, self.runs_page)
         names = ("modelPage", "datasetPage", "trainingPage", "monitorPage", "exportPage", "runsPage")
-        for page, title, name in zip(pages, PAGE_TITLES, names):
+        for page, title, name in zip(pages, PAGE_TITLES, names, strict=True):
             page.setObjectName(name)
             index = self.tabs.addTab(page, title)
             self.tabs.setTabToolTip(index, f"{title} (Ctrl+{index + 1})")
@@ -155,7 +154,9 @@ class MainWindow(QMainWindow):
 
         file_menu = self.menuBar().addMenu("&File")
         file_menu.addAction(action("&Open configuration…", QKeySequence.StandardKey.Open, self._open_config_dialog, "openConfig"))
-        file_menu.addAction(action("&Save configuration as…", QKeySequence.StandardKey.Save, self._save_config_dialog, "saveConfig"))
+        file_menu.addAction(
+            action("&Save configuration as…", QKeySequence.StandardKey.Save, self._save_config_dialog, "saveConfig")
+        )
         file_menu.addAction(action("Use the &demo", None, self.use_demo, "useDemo"))
         file_menu.addSeparator()
         file_menu.addAction(action("&Quit", QKeySequence.StandardKey.Quit, self.close, "quit"))
@@ -169,7 +170,8 @@ class MainWindow(QMainWindow):
 
         view_menu = self.menuBar().addMenu("&View")
         for i, title in enumerate(PAGE_TITLES):
-            view_menu.addAction(action(title.replace("&", ""), f"Ctrl+{i + 1}", lambda _=False, i=i: self.tabs.setCurrentIndex(i), f"page{i + 1}"))
+            show = lambda _=False, i=i: self.tabs.setCurrentIndex(i)  # noqa: E731 - one per page
+            view_menu.addAction(action(title, f"Ctrl+{i + 1}", show, f"page{i + 1}"))
 
         help_menu = self.menuBar().addMenu("&Help")
         help_menu.addAction(action("&About QLoRA Studio", None, self._about, "about"))
@@ -313,7 +315,8 @@ class MainWindow(QMainWindow):
                 self.show_error("Cannot load the configuration", exc.one_line())
 
     def _save_config_dialog(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save the run configuration", str(self.state.home / "config.toml"), CONFIG_FILTER)
+        suggested = str(self.state.home / "config.toml")
+        path, _ = QFileDialog.getSaveFileName(self, "Save the run configuration", suggested, CONFIG_FILTER)
         if path:
             try:
                 self.save_config_file(Path(path))

@@ -41,7 +41,7 @@ PIPE_DRAIN_S = 2.0  # after the worker exits, how long to wait for its pipes to 
 EXIT_FINISHED, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     FINISHED = "finished"  # exit 0: trained to the end, adapter written
     STOPPED = "stopped"  # exit 3 after a stop request: checkpoint written
     KILLED = "killed"  # did not stop within the grace period, or the person chose to kill it

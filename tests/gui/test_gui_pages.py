@@ -17,8 +17,8 @@ def write_run(runs_dir, name: str, status: str, losses: list[float], *, checkpoi
     run_dir = runs_dir / name
     run_dir.mkdir(parents=True)
     writer = ev.EventWriter(run_dir / runs.EVENTS)
-    writer.emit("run_started", run_dir=str(run_dir), config={"model": {"name_or_path": "/m/tiny"}, "data": {"path": "/d/qa.jsonl"}},
-                model={}, device={}, versions={}, plan={"max_steps": 100})
+    config = {"model": {"name_or_path": "/m/tiny"}, "data": {"path": "/d/qa.jsonl"}}
+    writer.emit("run_started", run_dir=str(run_dir), config=config, model={}, device={}, versions={}, plan={"max_steps": 100})
     for step, loss in enumerate(losses, start=1):
         writer.emit("step", step=step, loss=loss, lr=1e-3, tokens_per_s=1000.0)
     if checkpoint_step is not None:

@@ -15,7 +15,6 @@ from PySide6.QtWidgets import QProgressBar, QPushButton, QSpinBox, QTableWidget
 from qlora_studio import runs
 from qlora_studio.gui.supervisor import Outcome
 
-
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "datasets")
 
@@ -38,24 +37,39 @@ def runs_table_status(window) -> dict[str, str]:
     return {table.item(r, 1).text(): table.item(r, 0).text() for r in range(table.rowCount())}
 
 
-def test_window_starts_without_torch(tmp_path):
-    code = (
-        "import sys\n"
-        "from qlora_studio.gui.app import make_application\n"
-        "app = make_application()\n"
-        "from qlora_studio.gui.main_window import MainWindow\n"
-        "from qlora_studio.gui.app_state import AppState\n"
-        f"w = MainWindow(AppState.create(__import__('pathlib').Path({str(tmp_path)!r})), prepare_demo=False)\n"
-        "w.show(); app.processEvents()\n"
-        "print(__import__('json').dumps({'title': w.windowTitle(), 'heavy': sorted(m for m in sys.modules if m.split('.')[0] in %r)}))\n"
-        "w.close()\n" % (HEAVY,)
-    )
-    env = {"QT_QPA_PLATFORM": "offscreen", "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, **env}, check=True)
+# Runs the app as `qlora-studio` does (the command line's default sub-command), reports once the
+# window is up, then closes it.
+LAUNCH = """
+import json, sys
+from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import QApplication
+from qlora_studio.gui import app as gui_app
+
+def report():
+    window = next(w for w in QApplication.topLevelWidgets() if w.objectName() == "mainWindow")
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in HEAVY)
+    print(json.dumps({"title": window.windowTitle(), "visible": window.isVisible(), "heavy": heavy}))
+    window.close()
+
+make_application = gui_app.make_application
+def make_and_report(argv=None):
+    application = make_application(argv)
+    QTimer.singleShot(300, report)
+    return application
+gui_app.make_application = make_and_report
+
+from qlora_studio.cli import main
+sys.exit(main([]))
+"""
+
+
+def test_the_app_starts_without_torch(tmp_path):
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "PYTHONPATH": str(REPO), "QLORA_STUDIO_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", f"HEAVY = {HEAVY!r}\n" + LAUNCH], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
     answer = json.loads(out.stdout.strip().splitlines()[-1])
-    assert answer["title"] == "QLoRA Studio"
-    assert answer["heavy"] == []
+    assert answer == {"title": "QLoRA Studio", "visible": True, "heavy": []}
 
 
 def test_demo_is_preselected_on_first_launch(window, app_home):

@@ -110,7 +110,8 @@ class DatasetPage(QWidget):
         self._loading = False
 
         # --- source and format
-        self.source = PathField("datasetSource", "a .jsonl/.json/.csv/.parquet/.txt file or a hub dataset id", pick_file(DATA_FILTER))
+        placeholder = "a .jsonl/.json/.csv/.parquet/.txt file or a hub dataset id"
+        self.source = PathField("datasetSource", placeholder, pick_file(DATA_FILTER))
         self.source.edit.setToolTip(tip("data.path"))
         self.split = QLineEdit("train")
         self.split.setObjectName("datasetSplit")
@@ -401,7 +402,8 @@ class DatasetPage(QWidget):
         self._set_detected(answer["format"], answer.get("columns", []))
         self._set_preview(answer["rows"])
         self._set_lengths(answer.get("lengths", []))
-        notes = [f"{answer.get('examples', 0):,} examples read" + (" (the first ones of a larger dataset)" if answer.get("limited") else "")]
+        read = f"{answer.get('examples', 0):,} examples read"
+        notes = [read + (" (the first ones of a larger dataset)" if answer.get("limited") else "")]
         if answer.get("tokenizer_error"):
             notes.append(f"token lengths need the model's tokenizer: {answer['tokenizer_error']}")
         self.scan_note.setText("; ".join(notes) + ".")

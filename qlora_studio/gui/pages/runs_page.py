@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pyqtgraph as pg
-from PySide6.QtCore import QUrl, Signal
+from PySide6.QtCore import Qt, QUrl, Signal
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
     QAbstractItemView,
@@ -27,7 +27,6 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
-from PySide6.QtCore import Qt
 
 from ... import events as ev
 from ... import runs
@@ -235,7 +234,7 @@ class RunsPage(QWidget):
         for i, s in enumerate(chosen):
             if not s.losses:
                 continue
-            steps, losses = zip(*s.losses)
+            steps, losses = zip(*s.losses, strict=True)
             plot.plot(list(steps), list(losses), pen=pg.mkPen(PALETTE[i % len(PALETTE)], width=2), name=s.path.name)
         self.overlay_hint.setVisible(not chosen)
 
@@ -280,7 +279,9 @@ class RunsPage(QWidget):
         if not chosen:
             return []
         names = "\n".join(f"  {s.path.name} ({s.status})" for s in chosen)
-        if not self.confirm("Delete runs", f"Delete {len(chosen)} run folder(s) with their checkpoints and adapters?\n\n{names}\n\nThis cannot be undone."):
+        question = (f"Delete {len(chosen)} run folder(s) with their checkpoints and adapters?\n\n{names}\n\n"
+                    "This cannot be undone.")
+        if not self.confirm("Delete runs", question):
             return []
         deleted = []
         for s in chosen:

@@ -214,7 +214,7 @@ class TrainingPage(QWidget):
 
         order = [self.preset, self.start_button, self.stop_button, self.resume_button, self.grace]
         order += list(self.fields.values()) + [self.run_name, self.log]
-        for a, b in zip(order, order[1:]):
+        for a, b in zip(order, order[1:], strict=False):
             self.setTabOrder(a, b)
 
     # ------------------------------------------------------------------ form helpers
