@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _results import write_result  # noqa: E402
+from _results import write_result
 
 PRESETS = {
     # hidden, intermediate, layers, heads, kv heads, vocab
@@ -148,25 +148,40 @@ def write_adapter(folder: Path, model: Path, preset: str) -> int:
 
 
 CHILD = """
-import resource, sys, time
+import resource, sys, threading, time
+import psutil
 import torch, transformers, peft, bitsandbytes, gguf  # what an export imports
 from qlora_studio.engine.export import export
 mode, adapter, out = sys.argv[1:4]
+me = psutil.Process()
+before = me.memory_info().rss
+peak = [before]
+done = threading.Event()
+def sample():
+    while not done.wait(0.005):
+        peak[0] = max(peak[0], me.memory_info().rss)
+threading.Thread(target=sample, daemon=True).start()
 t = time.time()
 if mode != "imports":
     export(adapter, mode, out=out)
-print(time.time() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+seconds = time.time() - t
+done.set()
+peak[0] = max(peak[0], me.memory_info().rss)
+print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, before, peak[0])
 """
 
 
-def peak_rss(mode: str, adapter: Path, out: Path) -> tuple[float, float]:
-    """(peak RSS in bytes, seconds) of a child process running one export."""
-    proc = subprocess.run([sys.executable, "-c", CHILD, mode, str(adapter), str(out)], capture_output=True, text=True,
+def peak_rss(mode: str, adapter: Path, out: Path) -> dict:
+    """A child process running one export: its lifetime peak RSS (``ru_maxrss``, which includes
+    transient spikes while the libraries import), its RSS when the export starts and the highest
+    RSS sampled (every 5 ms) while it runs."""
+    proc = subprocess.run([sys.executable, "-c", CHILD, mode, str(adapter), str(out)], capture_output=True, text=True, check=False,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     if proc.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
-    seconds, peak = proc.stdout.strip().splitlines()[-1].split()
-    return int(peak), float(seconds)
+    seconds, lifetime, before, during = proc.stdout.strip().splitlines()[-1].split()
+    return {"seconds": round(float(seconds), 1), "lifetime_peak_rss": int(lifetime), "rss_at_start": int(before),
+            "peak_rss_during_export": int(during), "export_peak_above_start": int(during) - int(before)}
 
 
 def main() -> None:
@@ -180,29 +195,28 @@ def main() -> None:
         model_bytes = write_model(root / "model", args.preset)
         adapter_bytes = write_adapter(root / "adapter", root / "model", args.preset)
         build_s = time.time() - t
-        base_rss, _ = peak_rss("imports", root / "adapter", root / "unused")
-        merged_rss, merged_s = peak_rss("merged", root / "adapter", root / "merged")
+        imports = peak_rss("imports", root / "adapter", root / "unused")
+        merged = peak_rss("merged", root / "adapter", root / "merged")
         shutil.rmtree(root / "merged")
-        gguf_rss, gguf_s = peak_rss("gguf", root / "adapter", root / "gguf")
+        gguf_run = peak_rss("gguf", root / "adapter", root / "gguf")
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
     gb = 1e9
-    result = {
-        "preset": args.preset, "model_bytes": model_bytes, "adapter_bytes": adapter_bytes, "lora_rank": RANK,
-        "build_s": round(build_s, 1), "imports_peak_rss": base_rss,
-        "merged": {"peak_rss": merged_rss, "seconds": round(merged_s, 1), "peak_above_imports": max(0, merged_rss - base_rss)},
-        "gguf_f16": {"peak_rss": gguf_rss, "seconds": round(gguf_s, 1), "peak_above_imports": max(0, gguf_rss - base_rss)},
-    }
+    result = {"preset": args.preset, "model_bytes": model_bytes, "adapter_bytes": adapter_bytes, "lora_rank": RANK,
+              "build_s": round(build_s, 1), "imports_only": imports, "merged": merged, "gguf_f16": gguf_run}
+
+    def row(name: str, r: dict) -> str:
+        return (f"| {name} | {r['lifetime_peak_rss'] / gb:.2f} GB | {r['rss_at_start'] / gb:.2f} GB | "
+                f"{r['peak_rss_during_export'] / gb:.2f} GB | {r['export_peak_above_start'] / gb:.2f} GB | {r['seconds']:.0f} s |")
+
     table = "\n".join([
         f"# Merge memory ({args.preset} preset, CPU)", "",
-        f"Model {model_bytes / gb:.2f} GB bf16 in {SHARDS} shards; adapter rank {RANK} on all linear layers "
-        f"({adapter_bytes / gb:.2f} GB fp32).", "",
-        "| run | peak RSS | above imports | time |", "|---|---|---|---|",
-        f"| imports only | {base_rss / gb:.2f} GB | — | — |",
-        f"| merged (safetensors) | {merged_rss / gb:.2f} GB | {max(0, merged_rss - base_rss) / gb:.2f} GB | {merged_s:.0f} s |",
-        f"| gguf f16 (+ LoRA GGUF) | {gguf_rss / gb:.2f} GB | {max(0, gguf_rss - base_rss) / gb:.2f} GB | {gguf_s:.0f} s |",
-        "",
+        (f"Model {model_bytes / gb:.2f} GB bf16 in {SHARDS} shards; adapter rank {RANK} on all linear layers "
+         f"({adapter_bytes / gb:.2f} GB fp32)."), "",
+        "| run | lifetime peak RSS | RSS at start | peak RSS during export | export's own peak | time |",
+        "|---|---|---|---|---|---|",
+        row("imports only", imports), row("merged (safetensors)", merged), row("gguf f16 (+ LoRA GGUF)", gguf_run), "",
     ])
     print(table)
     write_result("export_merge_memory", result, table)

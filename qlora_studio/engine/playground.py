@@ -230,7 +230,7 @@ class _Side:
         if text.endswith("\ufffd"):
             self.delta = ""
             return
-        self.delta = text[len(self.text):] if text.startswith(self.text) else text
+        self.delta = text.removeprefix(self.text)
         self.text = text
 
     def finish(self, reason: str) -> None:
@@ -308,7 +308,7 @@ def main() -> int:
                 raise UserError(f"unknown request {req!r}"[:200], fix='Use op "load", "generate", "stop" or "quit".')
         except UserError as exc:
             emit("error", message=exc.one_line(), kind=exc.kind, id=req.get("id") if isinstance(req, dict) else None)
-        except Exception as exc:  # noqa: BLE001 - reported to the GUI, the worker stays up
+        except Exception as exc:
             log.exception("request failed")
             emit("error", message=f"{type(exc).__name__}: {exc}".splitlines()[0], kind="internal",
                  id=req.get("id") if isinstance(req, dict) else None)

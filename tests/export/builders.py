@@ -26,11 +26,11 @@ VOCAB = 512
 
 ARCHS = {
     # GQA and untied head: the llama converter's q/k permutation sees two head counts.
-    "llama": dict(cls="LlamaForCausalLM", config="LlamaConfig", tie_word_embeddings=False, num_key_value_heads=2),
-    "mistral": dict(cls="MistralForCausalLM", config="MistralConfig", tie_word_embeddings=False, num_key_value_heads=2,
-                    sliding_window=None),
+    "llama": {"cls": "LlamaForCausalLM", "config": "LlamaConfig", "tie_word_embeddings": False, "num_key_value_heads": 2},
+    "mistral": {"cls": "MistralForCausalLM", "config": "MistralConfig", "tie_word_embeddings": False,
+                "num_key_value_heads": 2, "sliding_window": None},
     # Qwen2: q/k/v biases and a tied output head.
-    "qwen2": dict(cls="Qwen2ForCausalLM", config="Qwen2Config", tie_word_embeddings=True, num_key_value_heads=2),
+    "qwen2": {"cls": "Qwen2ForCausalLM", "config": "Qwen2Config", "tie_word_embeddings": True, "num_key_value_heads": 2},
 }
 
 CHAT_TEMPLATE = (
@@ -61,7 +61,14 @@ def build_spm_tokenizer(folder: Path):
     """A SentencePiece-style BPE with byte fallback, laid out like Llama 2's and Mistral's tokenizer.json:
     ``<unk> <s> </s>``, the 256 byte tokens ``<0x00>``..``<0xFF>``, then the learned pieces (``▁`` marks
     a space); a normalizer that prepends ``▁`` and replaces spaces by it."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])

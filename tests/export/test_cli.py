@@ -12,7 +12,7 @@ from qlora_studio import cli
 
 def _run(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "qlora_studio.engine.export.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}, **kwargs)
+                          capture_output=True, text=True, check=False, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}, **kwargs)
 
 
 def test_json_progress_and_done(llama_run, tmp_path):

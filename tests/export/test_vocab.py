@@ -6,7 +6,11 @@ import pytest
 from jinja2 import Template
 
 from qlora_studio import formats
-from qlora_studio.engine.export.gguf_vocab import PRE_TOKENIZER_REGEXES, _pre_tokenizer_name, default_chat_template
+from qlora_studio.engine.export.gguf_vocab import (
+    PRE_TOKENIZER_REGEXES,
+    _pre_tokenizer_name,
+    default_chat_template,
+)
 
 
 @pytest.mark.parametrize("name", ["llama-bpe", "qwen2"])

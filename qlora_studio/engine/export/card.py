@@ -187,13 +187,13 @@ def render_card(source: ExportSource, info: CardInfo, has_curve: bool) -> str:
     if cfg:
         t = cfg.train
         rows += [
-            ("Base quantization", f"{cfg.quant.quant_type.upper()}, double quantization {'on' if cfg.quant.double_quant else 'off'}, "
-                                  f"compute dtype {cfg.quant.compute_dtype}"),
-            ("Optimizer", f"{t.optimizer}, learning rate {t.learning_rate:g} ({t.schedule}, {t.warmup_steps} warm-up steps), "
-                          f"weight decay {t.weight_decay:g}, max grad norm {t.max_grad_norm:g}"),
+            ("Base quantization", (f"{cfg.quant.quant_type.upper()}, double quantization "
+                                   f"{'on' if cfg.quant.double_quant else 'off'}, compute dtype {cfg.quant.compute_dtype}")),
+            ("Optimizer", (f"{t.optimizer}, learning rate {t.learning_rate:g} ({t.schedule}, {t.warmup_steps} warm-up steps), "
+                           f"weight decay {t.weight_decay:g}, max grad norm {t.max_grad_norm:g}")),
             ("Batch", f"{t.micro_batch_size} × {t.grad_accum_steps} gradient accumulation = {t.micro_batch_size * t.grad_accum_steps} sequences per step"),
-            ("Sequence length", f"{cfg.data.max_seq_len} tokens, data format {cfg.data.format}, "
-                                f"loss on {'prompt and response' if cfg.data.train_on_prompt else 'responses only'}"),
+            ("Sequence length", (f"{cfg.data.max_seq_len} tokens, data format {cfg.data.format}, "
+                                 f"loss on {'prompt and response' if cfg.data.train_on_prompt else 'responses only'}")),
             ("Seed", t.seed),
         ]
     lines += _table(rows)
@@ -206,12 +206,12 @@ def render_card(source: ExportSource, info: CardInfo, has_curve: bool) -> str:
         g = info.gguf
         lines += ["", "## GGUF files", "",
                   f"* `{g['model']}` — the merged model ({g['dtype']}, llama.cpp architecture `{g['arch']}`).",
-                  f"* `{g['adapter']}` — the LoRA adapter alone, for llama.cpp's `--lora` on a {g['dtype']} GGUF of the base model"
-                  + (f" (`{g['base']}`)." if g.get("base") else ".")]
+                  (f"* `{g['adapter']}` — the LoRA adapter alone, for llama.cpp's `--lora` on a {g['dtype']} GGUF "
+                   f"of the base model" + (f" (`{g['base']}`)." if g.get("base") else "."))]
         lines += ["* `Modelfile` — for Ollama: `ollama create NAME -f Modelfile`."]
         if g.get("default_template"):
-            lines += ["", "The base tokenizer has no chat template; the model was trained with QLoRA Studio's default "
-                      "prompt format (`### User:` / `### Assistant:`), which the GGUF carries as its chat template."]
+            lines += ["", ("The base tokenizer has no chat template; the model was trained with QLoRA Studio's default "
+                           "prompt format (`### User:` / `### Assistant:`), which the GGUF carries as its chat template.")]
         for warning in g.get("warnings", []):
             lines += ["", f"**Note:** {warning}."]
         lines += ["",

@@ -17,8 +17,8 @@ import sys
 import time
 from typing import IO
 
-from . import FORMATS, GGUF_DTYPES, MERGE_BASES
 from ...errors import UserError
+from . import FORMATS, GGUF_DTYPES, MERGE_BASES
 
 HELP = "export a run's adapter: PEFT adapter, merged 16-bit model, or GGUF for llama.cpp/Ollama"
 

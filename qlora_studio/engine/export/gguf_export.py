@@ -13,7 +13,14 @@ from .adapter import copy_run_config
 from .card import CardInfo, write_card
 from .gguf_lora import adapter_plan, write_lora_gguf
 from .gguf_model import (
-    Arch, HParams, TensorNamer, architecture, model_metadata, nbytes, plan_tensors, write_gguf,
+    Arch,
+    HParams,
+    TensorNamer,
+    architecture,
+    model_metadata,
+    nbytes,
+    plan_tensors,
+    write_gguf,
 )
 from .gguf_vocab import Vocab, read_vocab
 from .merge import MergePlan, Progress

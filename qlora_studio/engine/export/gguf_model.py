@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from .errors import ExportError
-from .safetensors_io import TensorSpec
 from .gguf_vocab import Vocab
+from .safetensors_io import TensorSpec
 
 
 @dataclass(frozen=True)

@@ -39,12 +39,12 @@ from .playground_page import JsonLinesProcess
 WORKER = "qlora_studio.engine.export.cli"
 
 FORMAT_TEXT = {
-    "adapter": ("PEFT &adapter", "The LoRA adapter as PEFT saves it (small), with a model card and the run's "
-                                 "config.toml. Load it on top of the same base model."),
-    "merged": ("&Merged model", "The adapter merged into the base model's 16-bit weights: a complete Hugging Face "
-                                "model folder that loads without PEFT (as large as the base)."),
-    "gguf": ("&GGUF (llama.cpp, Ollama)", "The merged model as one GGUF file and the adapter as a GGUF LoRA adapter, "
-                                          "with an Ollama Modelfile. Llama, Mistral and Qwen2 models."),
+    "adapter": ("PEFT &adapter", ("The LoRA adapter as PEFT saves it (small), with a model card and the run's "
+                                  "config.toml. Load it on top of the same base model.")),
+    "merged": ("&Merged model", ("The adapter merged into the base model's 16-bit weights: a complete Hugging Face "
+                                 "model folder that loads without PEFT (as large as the base).")),
+    "gguf": ("&GGUF (llama.cpp, Ollama)", ("The merged model as one GGUF file and the adapter as a GGUF LoRA adapter, "
+                                           "with an Ollama Modelfile. Llama, Mistral and Qwen2 models.")),
 }
 MERGE_BASE_TEXT = {
     "original": "original 16-bit weights (best quality)",
@@ -200,7 +200,7 @@ class ExportPage(QWidget):
     def set_run(self, run_dir: Path | None) -> None:
         self.refresh(select=Path(run_dir) if run_dir else None)
 
-    def showEvent(self, event: Any) -> None:  # noqa: N802 - Qt's name
+    def showEvent(self, event: Any) -> None:
         super().showEvent(event)
         self.refresh()
 

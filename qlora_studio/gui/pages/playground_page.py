@@ -12,7 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QCoreApplication, QObject, QProcess, QProcessEnvironment, Signal
+from PySide6.QtCore import (
+    QCoreApplication,
+    QObject,
+    QProcess,
+    QProcessEnvironment,
+    Signal,
+)
 from PySide6.QtGui import QTextCursor
 from PySide6.QtWidgets import (
     QCheckBox,
@@ -31,8 +37,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from ... import formats, runs
 from ... import config as config_mod
+from ... import formats, runs
 from ...errors import UserError
 from ..jobs import python_env, register
 
@@ -72,7 +78,7 @@ class JsonLinesProcess(QObject):
         register(self)
         self.process.start(sys.executable, ["-m", module, *(args or [])])
 
-    def isRunning(self) -> bool:  # noqa: N802 - the name jobs.running_jobs() asks for
+    def isRunning(self) -> bool:
         return self.process.state() != QProcess.ProcessState.NotRunning
 
     def send(self, request: dict[str, Any]) -> None:
@@ -323,7 +329,7 @@ class PlaygroundPage(QWidget):
         if self.run_dir is not None and not has_adapter:
             self.status.setText("This run has no adapter yet: it appears after the first checkpoint.")
 
-    def showEvent(self, event: Any) -> None:  # noqa: N802 - Qt's name
+    def showEvent(self, event: Any) -> None:
         super().showEvent(event)
         if self.target() is not None:
             self.ensure_worker()  # it imports torch while the person types
