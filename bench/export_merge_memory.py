@@ -1,10 +1,12 @@
 """Peak memory of merging a LoRA adapter into a large model, on the CPU.
 
 Writes a random Llama-architecture model (TinyLlama-1.1B's shape by default, about 2.2 GB in bf16,
-in two shards) and a rank-64 adapter on every linear layer straight to safetensors files -- one
+in a few shards) and a rank-64 adapter on every linear layer straight to safetensors files -- one
 tensor at a time, so building it needs no memory either -- then runs ``export(..., "merged")``
-and ``export(..., "gguf")`` in child processes and reports their peak resident memory
-(each child's own ``ru_maxrss``), next to the RSS of a child that only imports the same libraries.
+and ``export(..., "gguf")`` in child processes and reports, for each, the resident memory when the
+export starts (the libraries loaded), the highest resident memory sampled while it runs, and the
+process's lifetime peak (``ru_maxrss``, which includes a transient spike while torch imports), next
+to a child that only imports the same libraries.
 
 The claim under test: merging streams layer by layer, so its peak is the libraries plus about one
 tensor, independent of the model size (a 7B model merges within 24 GB; here far less).
@@ -37,7 +39,7 @@ PRESETS = {
     "7b": (4096, 11008, 32, 32, 32, 32000),  # Llama-2-7B
 }
 RANK = 64
-SHARDS = 2
+SHARDS = 2  # aimed for; tensors are not split, so there may be one more
 
 
 def tensor_specs(hidden, inter, layers, heads, kv, vocab):
@@ -65,7 +67,8 @@ def tensor_specs(hidden, inter, layers, heads, kv, vocab):
     return specs
 
 
-def write_model(folder: Path, preset: str) -> int:
+def write_model(folder: Path, preset: str) -> tuple[int, int]:
+    """The model's files; returns (bytes of weights, number of shards)."""
     import torch
 
     from qlora_studio.engine.export.merge import shard_specs
@@ -97,7 +100,7 @@ def write_model(folder: Path, preset: str) -> int:
               "bos_token_id": 1, "eos_token_id": 2}
     (folder / "config.json").write_text(json.dumps(config))
     write_tokenizer(folder, vocab)
-    return total
+    return total, len(shards)
 
 
 def write_tokenizer(folder: Path, vocab_size: int) -> None:
@@ -192,7 +195,7 @@ def main() -> None:
     root = args.keep or Path(tempfile.mkdtemp(prefix="qlora-merge-bench-"))
     try:
         t = time.time()
-        model_bytes = write_model(root / "model", args.preset)
+        model_bytes, n_shards = write_model(root / "model", args.preset)
         adapter_bytes = write_adapter(root / "adapter", root / "model", args.preset)
         build_s = time.time() - t
         imports = peak_rss("imports", root / "adapter", root / "unused")
@@ -203,7 +206,7 @@ def main() -> None:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
     gb = 1e9
-    result = {"preset": args.preset, "model_bytes": model_bytes, "adapter_bytes": adapter_bytes, "lora_rank": RANK,
+    result = {"preset": args.preset, "model_bytes": model_bytes, "shards": n_shards, "adapter_bytes": adapter_bytes, "lora_rank": RANK,
               "build_s": round(build_s, 1), "imports_only": imports, "merged": merged, "gguf_f16": gguf_run}
 
     def row(name: str, r: dict) -> str:
@@ -212,7 +215,7 @@ def main() -> None:
 
     table = "\n".join([
         f"# Merge memory ({args.preset} preset, CPU)", "",
-        (f"Model {model_bytes / gb:.2f} GB bf16 in {SHARDS} shards; adapter rank {RANK} on all linear layers "
+        (f"Model {model_bytes / gb:.2f} GB bf16 in {n_shards} shards; adapter rank {RANK} on all linear layers "
          f"({adapter_bytes / gb:.2f} GB fp32)."), "",
         "| run | lifetime peak RSS | RSS at start | peak RSS during export | export's own peak | time |",
         "|---|---|---|---|---|---|",

@@ -57,7 +57,10 @@ class ExportSource:
         """The base model's local folder, found on first use (a hub id is looked up in the cache)."""
         if self._base_folder is None:
             revision = self.cfg.model.revision if self.cfg else "main"
-            self._base_folder = locate_base(self.base_ref, revision)
+            ref = self.base_ref
+            if self.run_dir is not None and not Path(ref).expanduser().is_absolute() and (self.run_dir / ref).is_dir():
+                ref = str(self.run_dir / ref)  # a path relative to the run folder
+            self._base_folder = locate_base(ref, revision)
         return self._base_folder
 
     def base_weight_files(self) -> list[Path]:
