@@ -164,8 +164,10 @@ def _run_worker(cfg: config_mod.RunConfig, run_dir: Path, resume: bool, events_o
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING)
     console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    console.addFilter(lambda record: record.name != "py.warnings")  # library warnings: log file only
     root.addHandler(console)
 
+    _quiet_libraries(progress_bars=events_out is None)
     (run_dir / runs.PID).write_text(str(os.getpid()))
     writer = EventWriter(run_dir / runs.EVENTS, echo=events_out, enabled=int(os.environ.get("RANK", "0")) == 0)
     if events_out is None and sys.stderr.isatty():
@@ -221,6 +223,28 @@ def _run_worker(cfg: config_mod.RunConfig, run_dir: Path, resume: bool, events_o
         root.removeHandler(handler)
         handler.close()
         root.removeHandler(console)
+
+
+def _quiet_libraries(progress_bars: bool) -> None:
+    """Library chatter goes to the log file; the log pane and the terminal get what a person needs."""
+    import warnings
+
+    if not progress_bars:  # a GUI's log pane shows carriage-return progress bars as noise
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
+
+    logging.captureWarnings(True)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    warnings.filterwarnings("ignore", message=".*use_cache=True.* is incompatible with gradient checkpointing")
+    # bitsandbytes' CPU backend looks for an optional kernel package and says so on every start.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def _classify(exc: BaseException) -> tuple[str, str]:

@@ -272,6 +272,8 @@ class Trainer:
 
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = build_optimizer(cfg, params)
+        if device.type == "cpu" and cfg.train.optimizer.startswith("paged"):
+            log.info("on the CPU the paged optimizer keeps its state in ordinary memory (nothing to page)")
         scheduler = build_scheduler(cfg, optimizer, total_steps)
         pad_id = tokenizer.pad_token_id
         batcher = Batcher(data.train, cfg.train.micro_batch_size, cfg.train.seed, pad_id)
