@@ -38,6 +38,11 @@ CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 LLAMA_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "smollm3", "olmo2", "glm4", "exaone4"})
 GEMMA_TYPES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
 FUSED_TYPES = frozenset({"phi3"})
+#: Layout details that differ between these families.
+FUSED_QKV_TYPES = frozenset({"phi3"})
+FUSED_MLP_TYPES = frozenset({"phi3", "glm4"})
+FOUR_NORM_TYPES = frozenset({"gemma2", "gemma3", "gemma3_text", "glm4"})
+QK_NORM_TYPES = frozenset({"qwen3", "gemma3", "gemma3_text", "olmo2", "exaone4"})
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 
 
@@ -89,8 +94,9 @@ class ModelInfo:
     linears: tuple[Linear, ...]
     #: RMSNorms per decoder layer (2 for Llama, 4 for Gemma 2/3)
     norms_per_layer: int = 2
-    #: q/k RMSNorms inside attention (Qwen3, Gemma 3)
+    #: q/k RMSNorms inside attention: per head (Qwen3, Gemma 3) or over the whole projection (OLMo 2)
     qk_norm: bool = False
+    qk_norm_full: bool = False
     #: ``tanh`` soft-capping of the final logits (Gemma 2/3): one more vocab-sized buffer
     final_logit_softcapping: float | None = None
     #: sliding-window attention span, when the model has one
@@ -265,12 +271,11 @@ def check_causal(config: dict[str, Any], where: str | None = None) -> None:
     encoder = model_type in NON_CAUSAL_TYPES or bool(config.get("is_encoder_decoder"))
     if not encoder and (not archs or any(a.endswith(CAUSAL_SUFFIXES) for a in archs)):
         return
-    if True:
-        raise ModelError(
-            f"not a causal language model (architecture {', '.join(archs) or model_type or 'unknown'})",
-            where=where,
-            fix="QLoRA Studio fine-tunes decoder models such as Llama, Mistral, Qwen or Gemma (…ForCausalLM).",
-        )
+    raise ModelError(
+        f"not a causal language model (architecture {', '.join(archs) or model_type or 'unknown'})",
+        where=where,
+        fix="QLoRA Studio fine-tunes decoder models such as Llama, Mistral, Qwen or Gemma (…ForCausalLM).",
+    )
 
 
 def _get_int(cfg: dict[str, Any], key: str, where: str | None, *alternatives: str) -> int:
@@ -322,42 +327,36 @@ def describe(config: dict[str, Any], where: str | None = None) -> ModelInfo:
         notes.append(f"model_type {model_type or 'unknown'!r} is not one the estimate knows; read as Llama-like")
 
     q_out, kv_out = heads * head_dim, kv_heads * head_dim
-    attn_bias = bool(cfg.get("attention_bias", False)) or model_type == "qwen2"
+    attn_bias = bool(cfg.get("attention_bias", model_type in ("qwen2", "glm4")))
     mlp_bias = bool(cfg.get("mlp_bias", False))
-    if model_type in FUSED_TYPES:
-        linears = (
-            Linear("qkv_proj", h, q_out + 2 * kv_out, attn_bias, layers, "attn_in"),
-            Linear("o_proj", q_out, h, attn_bias, layers, "attn_out"),
-            Linear("gate_up_proj", h, 2 * inter, mlp_bias, layers, "mlp_in"),
-            Linear("down_proj", inter, h, mlp_bias, layers, "mlp_act"),
-        )
+    # Qwen2 and GLM-4 put biases on q, k and v only; the others put attention_bias on o_proj too.
+    o_bias = attn_bias and model_type not in ("qwen2", "glm4")
+    if model_type in FUSED_QKV_TYPES:
+        attention = (Linear("qkv_proj", h, q_out + 2 * kv_out, attn_bias, layers, "attn_in"),)
     else:
-        o_bias = attn_bias and model_type != "qwen2"
-        linears = (
-            Linear("q_proj", h, q_out, attn_bias, layers, "attn_in"),
-            Linear("k_proj", h, kv_out, attn_bias, layers, "attn_in"),
-            Linear("v_proj", h, kv_out, attn_bias, layers, "attn_in"),
-            Linear("o_proj", q_out, h, o_bias, layers, "attn_out"),
-            Linear("gate_proj", h, inter, mlp_bias, layers, "mlp_in"),
-            Linear("up_proj", h, inter, mlp_bias, layers, "mlp_in"),
-            Linear("down_proj", inter, h, mlp_bias, layers, "mlp_act"),
-        )
+        attention = tuple(Linear(n, h, out, attn_bias, layers, "attn_in") for n, out in (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)))
+    attention += (Linear("o_proj", q_out, h, o_bias, layers, "attn_out"),)
+    if model_type in FUSED_MLP_TYPES:
+        mlp = (Linear("gate_up_proj", h, 2 * inter, mlp_bias, layers, "mlp_in"),)
+    else:
+        mlp = tuple(Linear(n, h, inter, mlp_bias, layers, "mlp_in") for n in ("gate_proj", "up_proj"))
+    linears = attention + mlp + (Linear("down_proj", inter, h, mlp_bias, layers, "mlp_act"),)
 
-    norms_per_layer = 4 if model_type in ("gemma2", "gemma3", "gemma3_text") else 2
-    qk_norm = model_type in ("qwen3", "gemma3", "gemma3_text", "olmo2") or bool(cfg.get("use_qk_norm"))
+    norms_per_layer = 4 if model_type in FOUR_NORM_TYPES else 2
+    qk_norm = model_type in QK_NORM_TYPES or bool(cfg.get("use_qk_norm"))
     if model_type == "olmo2":
         # OLMo 2 normalises the whole q and k projections, not each head.
         qk_norm_params = q_out + kv_out
     else:
         qk_norm_params = 2 * head_dim if qk_norm else 0
 
+    vision_linears, vision_other = _vision_tower(config.get("vision_config"), h)
     embedding = vocab * h
     head = 0 if tied else vocab * h
     norm = layers * (norms_per_layer * h + qk_norm_params) + h
-    bias = sum(lin.out_features * lin.count for lin in linears if lin.bias)
+    bias = sum(lin.out_features * lin.count for lin in (*linears, *vision_linears) if lin.bias)
     quantizable = sum(lin.params * lin.count for lin in linears)
 
-    vision_linears, vision_other = _vision_tower(config.get("vision_config"), h)
     if vision_linears:
         notes.append("vision tower counted from vision_config (approximate); it does not run on text batches")
     softcap = cfg.get("final_logit_softcapping") if model_type in GEMMA_TYPES else None
@@ -387,6 +386,7 @@ def describe(config: dict[str, Any], where: str | None = None) -> ModelInfo:
         linears=linears,
         norms_per_layer=norms_per_layer,
         qk_norm=qk_norm,
+        qk_norm_full=model_type == "olmo2",
         final_logit_softcapping=float(softcap) if isinstance(softcap, (int, float)) and softcap else None,
         sliding_window=window,
         vision_linears=vision_linears,
@@ -396,7 +396,7 @@ def describe(config: dict[str, Any], where: str | None = None) -> ModelInfo:
 
 
 def _vision_tower(vision: Any, text_hidden: int) -> tuple[tuple[Linear, ...], int]:
-    """A SigLIP/CLIP-style vision tower's linear layers and its other parameters, approximately."""
+    """A SigLIP-style vision tower's linear layers and its other parameters (Gemma 3's layout)."""
     if not isinstance(vision, dict):
         return (), 0
     vh, vi, vl = (vision.get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers"))
@@ -411,10 +411,13 @@ def _vision_tower(vision: Any, text_hidden: int) -> tuple[tuple[Linear, ...], in
     image = vision.get("image_size") or 224
     positions = (image // patch) ** 2 if isinstance(image, int) and isinstance(patch, int) and patch else 0
     other = (
-        3 * patch * patch * vh + positions * vh  # patch embedding and positions
-        + vl * (4 * vh + 4 * vh + vi + vh) + 2 * vh  # layer norms and biases
-        + vh * text_hidden  # projection into the text model
+        3 * patch * patch * vh + vh + positions * vh  # patch embedding and positions
+        + vl * 4 * vh + 2 * vh  # layer norms, the final norm
+        + vh * text_hidden + vh  # the projection into the text model and its norm
     )
+    if vision.get("vision_use_head", True):
+        # attention-pooling head: probe, in/out projections, a norm and an MLP
+        other += vh + 4 * vh * vh + 4 * vh + 2 * vh + 2 * vh * vi + vi + vh
     return linears, other
 
 
