@@ -226,8 +226,12 @@ class Batcher:
         return self.epoch + self.index / max(1, len(self.examples))
 
     def next(self) -> list[Example]:
+        return self.take(self.batch_size)
+
+    def take(self, n: int) -> list[Example]:
+        """The next ``n`` examples of the stream (crossing into the next epoch as needed)."""
         batch: list[Example] = []
-        while len(batch) < self.batch_size:
+        while len(batch) < n:
             if self.index >= len(self._order):
                 self.epoch += 1
                 self.index = 0

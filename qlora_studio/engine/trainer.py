@@ -10,6 +10,7 @@ current step.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from .. import __version__, runs
 from ..config import RunConfig
+from ..errors import UserError
 from ..events import EventWriter
 from ..monitor.paging import paged_state_bytes
 from . import checkpoint as ckpt
@@ -168,9 +170,8 @@ def _head_ce(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Te
     return F.cross_entropy(F.linear(h, weight).float(), y, reduction="sum")
 
 
-def train_step(model, batches: list[dict[str, torch.Tensor]], params: list[torch.nn.Parameter], optimizer, scheduler,
-               cfg: RunConfig, device: torch.device, paging=None) -> tuple[float, float, float]:
-    """One optimizer step over ``batches`` (the micro-batches of one step); returns (loss, grad_norm, lr).
+def accumulate(model, batches: list[dict[str, torch.Tensor]], cfg: RunConfig, device: torch.device, paging=None) -> float:
+    """Forward and backward over the micro-batches of one step; returns the step's loss.
 
     The loss of every micro-batch is divided by the learned tokens of the whole step, so the
     accumulated gradient equals that of one batch holding all of them.
@@ -185,6 +186,12 @@ def train_step(model, batches: list[dict[str, torch.Tensor]], params: list[torch
         with phase("backward"):
             loss.backward()
         total += loss.detach()
+    return float(total)
+
+
+def update(params: list[torch.nn.Parameter], optimizer, scheduler, cfg: RunConfig, paging=None) -> tuple[float, float]:
+    """Clip, step the optimizer and the schedule; returns (grad_norm before clipping, lr used)."""
+    phase = paging.phase if paging is not None else (lambda name: contextlib.nullcontext())
     if cfg.train.max_grad_norm > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
     else:
@@ -194,7 +201,27 @@ def train_step(model, batches: list[dict[str, torch.Tensor]], params: list[torch
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    return float(total), float(grad_norm), lr
+    return float(grad_norm), lr
+
+
+def train_step(model, batches, params, optimizer, scheduler, cfg: RunConfig, device: torch.device,
+               paging=None) -> tuple[float, float, float]:
+    """One optimizer step over ``batches``; returns (loss, grad_norm, lr)."""
+    loss = accumulate(model, batches, cfg, device, paging)
+    grad_norm, lr = update(params, optimizer, scheduler, cfg, paging)
+    return loss, grad_norm, lr
+
+
+def smaller_micro_batch(micro_batch: int) -> int | None:
+    """The largest divisor of ``micro_batch`` at most half of it, so the effective batch stays exact."""
+    for candidate in range(micro_batch // 2, 0, -1):
+        if micro_batch % candidate == 0:
+            return candidate
+    return None
+
+
+class OutOfMemory(UserError):
+    kind = "out_of_memory"
 
 
 @torch.no_grad()
@@ -278,12 +305,15 @@ class Trainer:
         pad_id = tokenizer.pad_token_id
         batcher = Batcher(data.train, cfg.train.micro_batch_size, cfg.train.seed, pad_id)
         step, tokens_seen = 0, 0
+        # The shape of a step; an out-of-memory recovery halves the first and doubles the second.
+        micro_batch, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
 
         ckpt.clean_temporary(self.run_dir)
         latest = runs.latest_checkpoint(self.run_dir) if self.resume else None
         if latest is not None:
             state = ckpt.load(latest, model, optimizer, scheduler)
             step, tokens_seen = state["step"], state["tokens"]
+            micro_batch, accum = state["micro_batch_size"], state["grad_accum_steps"]
             batcher = Batcher(data.train, cfg.train.micro_batch_size, cfg.train.seed, pad_id, **state["data"])
             log.info("resumed from %s at step %d", latest.name, step)
 
@@ -310,7 +340,7 @@ class Trainer:
             if not self.is_main:
                 return None
             state = {"step": step, "tokens": tokens_seen, "data": batcher.position(), "max_steps": total_steps,
-                     "micro_batch_size": cfg.train.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps}
+                     "micro_batch_size": micro_batch, "grad_accum_steps": accum}
             path = ckpt.save(self.run_dir, model, optimizer, scheduler, state, cfg.train.keep_checkpoints)
             self.events.emit("checkpoint", step=step, path=str(path))
             return path
@@ -327,9 +357,31 @@ class Trainer:
                     self.events.emit("stopped", step=step, checkpoint=str(path) if path else None, reason=self.stop.reason)
                     return Outcome("stopped", step)
                 start = time.perf_counter()
-                batches = [collate(batcher.next(), pad_id) for _ in range(cfg.train.grad_accum_steps)]
+                examples = batcher.take(micro_batch * accum)
+                while True:
+                    batches = [collate(examples[i : i + micro_batch], pad_id) for i in range(0, len(examples), micro_batch)]
+                    try:
+                        step_loss = accumulate(model, batches, cfg, device, paging)
+                        break
+                    except torch.cuda.OutOfMemoryError:
+                        optimizer.zero_grad(set_to_none=True)
+                        del batches
+                        gc.collect()
+                        torch.cuda.empty_cache()
+                        smaller = smaller_micro_batch(micro_batch)
+                        if smaller is None:
+                            save_checkpoint()
+                            raise OutOfMemory(
+                                f"the GPU ran out of memory at step {step + 1} even with a micro-batch of 1",
+                                fix="Lower data.max_seq_len, turn on train.gradient_checkpointing, or use a smaller "
+                                    "model; a checkpoint was saved, so the run can resume after that.",
+                            ) from None
+                        accum = accum * micro_batch // smaller
+                        micro_batch = smaller
+                        log.warning("out of GPU memory: micro-batch now %d, gradient accumulation %d", micro_batch, accum)
+                        self.events.emit("oom_recovered", step=step + 1, micro_batch_size=micro_batch, grad_accum_steps=accum)
                 step_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-                step_loss, grad_norm, lr = train_step(model, batches, params, optimizer, scheduler, cfg, device, paging)
+                grad_norm, lr = update(params, optimizer, scheduler, cfg, paging)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 step += 1

@@ -52,3 +52,50 @@ def test_chunked_loss_matches_standard_on_cuda(demo_template):
     data = load_dataset(cfg.data, tok, demo_template)
     batch = {k: v.cuda() for k, v in collate(Batcher(data.train, 8, 0, tok.pad_token_id).next(), tok.pad_token_id).items()}
     torch.testing.assert_close(loss_sum(model, batch, "chunked"), loss_sum(model, batch, "standard"), rtol=1e-3, atol=1e-2)
+
+
+def test_real_out_of_memory_is_recovered_under_a_memory_cap(demo_template, tmp_path):
+    """Cap this process's share of the GPU between the peaks of micro-batch 64 and 16, then train at 64."""
+    import gc
+
+    from qlora_studio.engine import device as devices
+    from qlora_studio.engine.data import Batcher, collate, load_dataset
+    from qlora_studio.engine.model import load_model
+    from qlora_studio.engine.trainer import accumulate
+
+    cfg = C.replace(C.load(demo_template / "config.toml"),
+                    train={"device": "cuda", "micro_batch_size": 64, "grad_accum_steps": 1, "max_steps": 3,
+                           "checkpoint_every": 0, "loss_impl": "standard"}, data={"max_seq_len": 128})
+    device = torch.device("cuda", 0)
+    model, tok, _ = load_model(cfg, device, torch.bfloat16, demo_template)
+    data = load_dataset(cfg.data, tok, demo_template)
+    examples = Batcher(data.train, 64, 0, tok.pad_token_id).next()
+
+    def peak(rows: int) -> int:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        accumulate(model, [collate(examples[:rows], tok.pad_token_id)], cfg, device)
+        model.zero_grad(set_to_none=True)
+        return torch.cuda.max_memory_reserved()
+
+    big, small = peak(64), peak(16)
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert big > small
+    total = torch.cuda.get_device_properties(0).total_memory
+    cap = (big + small) / 2
+    torch.cuda.set_per_process_memory_fraction(cap / total, 0)
+    try:
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        writer = events.EventWriter(run_dir / runs.EVENTS)
+        outcome = Trainer(cfg, run_dir, writer, StopFlag(run_dir), base_dir=demo_template).run()
+        writer.close()
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+    evts = list(events.read(run_dir / runs.EVENTS))
+    assert outcome.status == "finished"
+    recovered = [e for e in evts if e["type"] == "oom_recovered"]
+    assert recovered and recovered[-1]["micro_batch_size"] * recovered[-1]["grad_accum_steps"] == 64
+    assert devices.memory_stats(device)["mem_peak"] <= cap

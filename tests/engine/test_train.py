@@ -146,3 +146,43 @@ def test_frozen_head_cross_entropy_matches_autograd():
     (g_ref,) = torch.autograd.grad(ref * 0.5, hidden)
     torch.testing.assert_close(ours, ref.float(), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-5)  # logits are computed in fp32
+
+
+def _oom_when_rows_exceed(limit):
+    """loss_sum that fails like CUDA does when a micro-batch has more than ``limit`` rows."""
+    from qlora_studio.engine import trainer
+
+    real = trainer.loss_sum
+
+    def fake(model, batch, impl="standard"):
+        if batch["input_ids"].shape[0] > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, batch, impl)
+
+    return fake
+
+
+def test_out_of_memory_halves_micro_batch_and_keeps_the_effective_batch(demo_template, tmp_path, monkeypatch):
+    from qlora_studio.engine import trainer
+
+    _, plain = _train(demo_template, tmp_path / "plain", train={"max_steps": 3})
+    monkeypatch.setattr(trainer, "loss_sum", _oom_when_rows_exceed(2))
+    status, evts = _train(demo_template, tmp_path / "oom", train={"max_steps": 3})
+    assert status == "finished"
+    recovered = [e for e in evts if e["type"] == "oom_recovered"]
+    assert [(e["micro_batch_size"], e["grad_accum_steps"]) for e in recovered] == [(4, 2), (2, 4)]
+    assert all(e["step"] == 1 for e in recovered)
+    # Same examples, same effective batch: the same losses up to rounding.
+    for step, loss in _losses(plain).items():
+        assert _losses(evts)[step] == pytest.approx(loss, rel=2e-2)
+
+
+def test_out_of_memory_at_micro_batch_one_stops_with_checkpoint_and_advice(demo_template, tmp_path, monkeypatch):
+    from qlora_studio.engine import trainer
+    from qlora_studio.engine.trainer import OutOfMemory
+
+    monkeypatch.setattr(trainer, "loss_sum", _oom_when_rows_exceed(0))
+    with pytest.raises(OutOfMemory) as info:
+        _train(demo_template, tmp_path / "run", train={"max_steps": 3})
+    assert "micro-batch of 1" in info.value.one_line() and "max_seq_len" in info.value.one_line()
+    assert runs.latest_checkpoint(tmp_path / "run") is not None
