@@ -284,6 +284,7 @@ class Trainer:
         self.resume = resume
         self.rank = int(os.environ.get("RANK", "0"))
         self.is_main = self.rank == 0
+        self.optimizer: torch.optim.Optimizer | None = None  # set once built (the GPU tests touch its state)
 
     def run(self) -> Outcome:
         cfg = self.cfg
@@ -298,7 +299,7 @@ class Trainer:
         total_steps = plan_steps(cfg, len(data.train))
 
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build_optimizer(cfg, params)
+        optimizer = self.optimizer = build_optimizer(cfg, params)
         if device.type == "cpu" and cfg.train.optimizer.startswith("paged"):
             log.info("on the CPU the paged optimizer keeps its state in ordinary memory (nothing to page)")
         scheduler = build_scheduler(cfg, optimizer, total_steps)

@@ -99,3 +99,51 @@ def test_real_out_of_memory_is_recovered_under_a_memory_cap(demo_template, tmp_p
     recovered = [e for e in evts if e["type"] == "oom_recovered"]
     assert recovered and recovered[-1]["micro_batch_size"] * recovered[-1]["grad_accum_steps"] == 64
     assert devices.memory_stats(device)["mem_peak"] <= cap
+
+
+def test_a_page_out_during_a_real_run_shows_as_paging_events(demo_template, tmp_path):
+    """Train with PagedAdamW; after step 2 touch the paged state from the CPU; step 3 pages it back."""
+    pytest.importorskip("cupti", reason="cupti-python is not installed")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from qlora_studio.monitor.paging import paged_state_bytes
+
+    # LoRA matrices of at least 100k elements, so bitsandbytes puts their state in paged memory.
+    model_dir = tmp_path / "model"
+    tok = AutoTokenizer.from_pretrained(demo_template / "model")
+    config = LlamaConfig(vocab_size=1024, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
+                         num_attention_heads=16, num_key_value_heads=16, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    cfg = C.replace(C.load(demo_template / "config.toml"), model={"name_or_path": str(model_dir)},
+                    data={"path": str(demo_template / "data.jsonl")}, lora={"r": 128},
+                    train={"max_steps": 4, "device": "cuda", "checkpoint_every": 0, "optimizer": "paged_adamw_32bit"})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    writer = events.EventWriter(run_dir / runs.EVENTS)
+    trainer = Trainer(cfg, run_dir, writer, StopFlag(run_dir))
+    touched = {}
+
+    def touch_after_step_2(event):
+        if event["type"] == "step" and event["step"] == 2:
+            size = paged_state_bytes(trainer.optimizer)
+            for state in trainer.optimizer.state.values():
+                for value in state.values():
+                    if getattr(value, "is_paged", False):
+                        value.add_(0.0)  # a CPU write faults every page over to host memory
+            touched["bytes"] = size
+
+    writer.listeners.append(touch_after_step_2)
+    assert trainer.run().status == "finished"
+    writer.close()
+    evts = list(events.read(run_dir / runs.EVENTS))
+    size = touched["bytes"]
+    assert size > 30 * 2**20
+    steps = [e for e in evts if e["type"] == "step"]
+    assert steps[-1]["paged_state_bytes"] == size
+    paging = [e for e in evts if e["type"] == "paging" and e["step"] == 3]
+    moved_in = sum(e["bytes_htod"] for e in paging if e["phase"] == "optimizer")
+    moved_out = sum(e["bytes_dtoh"] for e in paging)
+    assert abs(moved_out - size) <= 0.05 * size, paging
+    assert abs(moved_in - size) <= 0.05 * size, paging
