@@ -142,8 +142,9 @@ def test_a_page_out_during_a_real_run_shows_as_paging_events(demo_template, tmp_
     assert size > 30 * 2**20
     steps = [e for e in evts if e["type"] == "step"]
     assert steps[-1]["paged_state_bytes"] == size
-    paging = [e for e in evts if e["type"] == "paging" and e["step"] == 3]
-    moved_in = sum(e["bytes_htod"] for e in paging if e["phase"] == "optimizer")
+    # The touch happens between steps 2 and 3: its moves are flushed with step 2 or 3.
+    paging = [e for e in evts if e["type"] == "paging" and e["step"] in (2, 3)]
+    moved_in = sum(e["bytes_htod"] for e in paging if e["phase"] == "optimizer" and e["step"] == 3)
     moved_out = sum(e["bytes_dtoh"] for e in paging)
     assert abs(moved_out - size) <= 0.05 * size, paging
     assert abs(moved_in - size) <= 0.05 * size, paging
