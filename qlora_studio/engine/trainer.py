@@ -98,9 +98,11 @@ def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.o
         return torch.optim.AdamW(params, **kwargs)
     import bitsandbytes as bnb
 
+    from .optim import PagedAdamW8bitOneSync, PagedAdamW32bitOneSync
+
     cls = {
-        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
-        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "paged_adamw_32bit": PagedAdamW32bitOneSync,
+        "paged_adamw_8bit": PagedAdamW8bitOneSync,
         "adamw_32bit": bnb.optim.AdamW32bit,
     }[t.optimizer]
     return cls(params, **kwargs)

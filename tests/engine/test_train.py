@@ -186,3 +186,28 @@ def test_out_of_memory_at_micro_batch_one_stops_with_checkpoint_and_advice(demo_
         _train(demo_template, tmp_path / "run", train={"max_steps": 3})
     assert "micro-batch of 1" in info.value.one_line() and "max_seq_len" in info.value.one_line()
     assert runs.latest_checkpoint(tmp_path / "run") is not None
+
+
+@pytest.mark.parametrize("name", ["PagedAdamW32bit", "PagedAdamW8bit"])
+def test_one_sync_paged_adamw_equals_bitsandbytes(name):
+    import bitsandbytes as bnb
+
+    from qlora_studio.engine import optim
+
+    ours_cls = {"PagedAdamW32bit": optim.PagedAdamW32bitOneSync, "PagedAdamW8bit": optim.PagedAdamW8bitOneSync}[name]
+    torch.manual_seed(0)
+    start = [torch.randn(256, 512), torch.randn(300), torch.randn(64, 64)]
+    grads = [[torch.randn_like(t) for t in start] for _ in range(4)]
+    results = []
+    for cls in (getattr(bnb.optim, name), ours_cls):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = cls(params, lr=1e-2, weight_decay=0.01)
+        for g in grads:
+            for p, gi in zip(params, g):
+                p.grad = gi.clone()
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+        state = opt.state_dict()
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert state["state"]
