@@ -1,0 +1,76 @@
+"""Where a training step's time goes: torch.profiler over a few engine steps on a GPU.
+
+    python bench/profile_step.py --shape 1b [--steps 3]
+
+Prints the GPU's busy fraction over the profiled steps (kernel time / wall time) and the top
+operators by GPU time and by CPU time; writes bench/results/profile-<shape>-<date>-<commit>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import perf_harness as H  # noqa: E402
+from _results import write_result  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=H.SHAPES, default="1b")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--models", default="bench-models")
+    ap.add_argument("--gradient-checkpointing", type=int, default=1)
+    args = ap.parse_args()
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from qlora_studio.engine import device as devices
+    from qlora_studio.engine.model import load_model
+    from qlora_studio.engine.trainer import build_optimizer, build_scheduler, train_step
+
+    model_dir = Path(args.models) / f"llama-{args.shape}"
+    H.build_model(args.shape, model_dir)
+    device = devices.resolve_device("auto")
+    cfg = H.run_config(model_dir, gradient_checkpointing=bool(args.gradient_checkpointing))
+    model, _, _ = load_model(cfg, device, torch.bfloat16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(cfg, params)
+    sched = build_scheduler(cfg, opt, 100)
+    model.train()
+    data = list(H.batches(args.shape, 3 + args.steps))
+    for b in data[:3]:
+        train_step(model, [b], params, opt, sched, cfg, device)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for b in data[3:]:
+            train_step(model, [b], params, opt, sched, cfg, device)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events)
+    by_gpu = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:25]
+    by_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    print(f"{args.steps} steps in {wall * 1000:.0f} ms wall; GPU kernels {gpu_us / 1000:.0f} ms "
+          f"({100 * gpu_us / 1e6 / wall:.0f}% busy, profiler overhead included)")
+    rows = []
+    print(f"{'operator':60s} {'GPU ms':>9s} {'CPU ms':>9s} {'calls':>7s}")
+    for e in by_gpu:
+        rows.append({"op": e.key, "gpu_ms": e.self_device_time_total / 1000, "cpu_ms": e.self_cpu_time_total / 1000, "calls": e.count})
+        print(f"{e.key[:60]:60s} {e.self_device_time_total / 1000:9.1f} {e.self_cpu_time_total / 1000:9.1f} {e.count:7d}")
+    print("-- by CPU time")
+    for e in by_cpu:
+        print(f"{e.key[:60]:60s} {e.self_device_time_total / 1000:9.1f} {e.self_cpu_time_total / 1000:9.1f} {e.count:7d}")
+    write_result(f"profile-{args.shape}", {"wall_ms": wall * 1000, "gpu_ms": gpu_us / 1000, "steps": args.steps,
+                                            "top_gpu": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
