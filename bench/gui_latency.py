@@ -6,8 +6,8 @@ per second the GUI event loop's p99 latency under 50 ms; chart memory flat over 
 1. **Launch.** ``python -m qlora_studio`` (what the ``qlora-studio`` command runs) is started
    ``--launches`` times with a fresh data folder (a first launch, which also starts building the
    demo in the background) and with a prepared one (a later launch). The time is from the process
-   start until the X server reports a window titled "QLoRA Studio" as viewable (``xwininfo``), so it
-   needs an X display: run the script under ``xvfb-run``.
+   start until the X server reports a window titled "QLoRA Studio" as viewable (``xwininfo``) on a
+   private Xvfb display that the script starts (needs ``xvfb`` and ``x11-utils``).
 2. **Event-loop latency.** The real main window, with a stand-in worker process that prints
    realistic event lines at ``--rate`` per second for ``--seconds`` (training itself is not what is
    measured; a GPU worker uses little of the GUI machine's CPU). A 10 ms precise timer runs in the
@@ -18,7 +18,7 @@ per second the GUI event loop's p99 latency under 50 ms; chart memory flat over 
    as they grow. The whole window (Monitor page included) is measured the same way over
    ``--window-points`` events.
 
-Run:  xvfb-run -a -s "-screen 0 1600x1000x24" python bench/gui_latency.py
+Run:  python bench/gui_latency.py
 Writes bench/results/gui_latency-<date>-<commit>.json and prints the figures.
 """
 
@@ -96,28 +96,35 @@ def measure_launch(home: Path, timeout_s: float = 30.0) -> float:
     env["QLORA_STUDIO_HOME"] = str(home)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env.pop("QT_QPA_PLATFORM", None)  # the real X display
+    stderr = tempfile.TemporaryFile()
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "qlora_studio"], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         while time.perf_counter() - t0 < timeout_s:
             if window_viewable(env):
                 return time.perf_counter() - t0
             if proc.poll() is not None:
-                raise RuntimeError(f"the app exited with code {proc.returncode} before showing its window")
+                stderr.seek(0)
+                tail = stderr.read().decode("utf-8", "replace")[-3000:]
+                raise RuntimeError(f"the app exited with code {proc.returncode} before showing its window:\n{tail}")
             time.sleep(0.01)
         raise RuntimeError(f"no window titled {TITLE!r} within {timeout_s} s")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the app and the demo builder it may have started
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the app and the demo builder it may have started
+        except ProcessLookupError:
+            pass
         proc.wait()
+        stderr.close()
         deadline = time.perf_counter() + 5
         while window_viewable(env) and time.perf_counter() < deadline:
             time.sleep(0.05)
 
 
 def launch_part(launches: int, demo: Path | None) -> dict:
-    if not os.environ.get("DISPLAY") or shutil.which("xwininfo") is None:
-        return {"skipped": "needs an X display and xwininfo: run under xvfb-run"}
+    if shutil.which("xwininfo") is None:
+        return {"skipped": "needs xwininfo (Debian/Ubuntu: apt-get install x11-utils)"}
     first, later = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(launches):
@@ -287,27 +294,33 @@ def main() -> int:
     args = parser.parse_args()
     if args.stream_child:
         return stream_child(args.rate, args.seconds)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from virtual_display import start_xvfb
 
-    result: dict = {
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
-    }
-    if not args.skip_launch:
-        demo = args.demo
-        tmp_demo = None
-        if demo is None:
-            tmp_demo = Path(tempfile.mkdtemp(prefix="gui-bench-demo-"))
-            demo = tmp_demo / "demo"
-            subprocess.run([sys.executable, "-m", "qlora_studio", "demo", str(demo)], check=True, cwd=ROOT,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        result["launch"] = launch_part(args.launches, demo)
-        if tmp_demo is not None:
-            shutil.rmtree(tmp_demo, ignore_errors=True)
-    result.update(in_process_parts(args.rate, args.seconds, args.points, args.window_points))
+    xvfb = start_xvfb("1600x1000x24")
+    try:
+        result: dict = {
+            "date": dt.datetime.now().isoformat(timespec="seconds"),
+            "commit": git_commit(),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                        "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
+        }
+        if not args.skip_launch:
+            demo = args.demo
+            tmp_demo = None
+            if demo is None:
+                tmp_demo = Path(tempfile.mkdtemp(prefix="gui-bench-demo-"))
+                demo = tmp_demo / "demo"
+                subprocess.run([sys.executable, "-m", "qlora_studio", "demo", str(demo)], check=True, cwd=ROOT,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
+            result["launch"] = launch_part(args.launches, demo)
+            if tmp_demo is not None:
+                shutil.rmtree(tmp_demo, ignore_errors=True)
+        result.update(in_process_parts(args.rate, args.seconds, args.points, args.window_points))
 
-    result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        result["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    finally:
+        xvfb.terminate()
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"gui_latency-{dt.date.today().isoformat()}-{result['commit']}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -5,9 +5,9 @@ does, presses Start on the preselected demo, and captures each page while the ru
 presses Stop and captures the Runs and Export pages with the stopped run. Nothing is staged: the
 charts show the run's real events.
 
-Run (from the repository root; xvfb-run gives it a virtual display):
+Run from the repository root (it starts a private Xvfb display; needs ``xvfb``):
 
-    xvfb-run -a -s "-screen 0 1920x1200x24" python scripts/screenshots.py
+    python scripts/screenshots.py
 
 Options: ``--out DIR`` (default docs/screenshots), ``--steps N`` (loss points to wait for before the
 Training page is captured), ``--scale F`` (QT_SCALE_FACTOR, e.g. 1.25 or 2 to check readability).
@@ -50,8 +50,9 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=None)
     parser.add_argument("--home", type=Path, default=None, help="the app's data folder (default: a fresh temporary one)")
     args = parser.parse_args()
-    if not os.environ.get("DISPLAY") and os.environ.get("QT_QPA_PLATFORM") != "offscreen":
-        raise SystemExit("no X display: run under xvfb-run (see the module docstring)")
+    from virtual_display import start_xvfb  # beside this script
+
+    xvfb = start_xvfb("3840x2400x24" if (args.scale or 1) > 1.5 else "1920x1200x24")
     if args.scale:
         os.environ["QT_SCALE_FACTOR"] = str(args.scale)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,50 +62,53 @@ def main() -> int:
     from qlora_studio.gui.app_state import AppState
     from qlora_studio.gui.main_window import MainWindow
 
-    app = make_application()
-    home = args.home
-    if home is None:
-        # The script's own scratch folder, with a plain name since it shows in the pictures.
-        home = Path(tempfile.gettempdir()) / "qlora-studio-screenshots"
-        shutil.rmtree(home, ignore_errors=True)
-    window = MainWindow(AppState.create(home))
-    window.resize(*SIZE)
-    window.show()
-    args.out.mkdir(parents=True, exist_ok=True)
-    suffix = f"@{args.scale:g}x" if args.scale else ""
+    try:
+        app = make_application()
+        home = args.home
+        if home is None:
+            # The script's own scratch folder, with a plain name since it shows in the pictures.
+            home = Path(tempfile.gettempdir()) / "qlora-studio-screenshots"
+            shutil.rmtree(home, ignore_errors=True)
+        window = MainWindow(AppState.create(home))
+        window.resize(*SIZE)
+        window.show()
+        args.out.mkdir(parents=True, exist_ok=True)
+        suffix = f"@{args.scale:g}x" if args.scale else ""
 
-    def shot(page, name: str) -> None:
-        window.tabs.setCurrentWidget(page)
-        settle(app)
-        window.training_page.charts.flush()
-        settle(app, 0.3)
-        path = args.out / f"{name}{suffix}.png"
-        window.grab().save(str(path))
-        print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+        def shot(page, name: str) -> None:
+            window.tabs.setCurrentWidget(page)
+            settle(app)
+            window.training_page.charts.flush()
+            settle(app, 0.3)
+            path = args.out / f"{name}{suffix}.png"
+            window.grab().save(str(path))
+            print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 
-    # First launch: the demo is created in the background, then the pages read it.
-    wait(app, lambda: (window.state.demo_dir / "config.toml").exists(), 300, "the demo to be created")
-    wait(app, lambda: window.model_page.facts is not None, 60, "the model's config.json")
-    wait(app, lambda: window.dataset_page.lengths.size > 0, 120, "the dataset scan")
-    shot(window.model_page, "model")
-    shot(window.dataset_page, "dataset")
+        # First launch: the demo is created in the background, then the pages read it.
+        wait(app, lambda: (window.state.demo_dir / "config.toml").exists(), 300, "the demo to be created")
+        wait(app, lambda: window.model_page.facts is not None, 60, "the model's config.json")
+        wait(app, lambda: window.dataset_page.lengths.size > 0, 120, "the dataset scan")
+        shot(window.model_page, "model")
+        shot(window.dataset_page, "dataset")
 
-    window.training_page.start_button.click()
-    wait(app, lambda: window.training_page.charts.point_count("loss") >= args.steps, 900, f"{args.steps} loss points")
-    wait(app, lambda: window.training_page.charts.point_count("eval") >= 1, 600, "an evaluation point")
-    shot(window.training_page, "training")
-    shot(window.monitor_page, "monitor")
+        window.training_page.start_button.click()
+        wait(app, lambda: window.training_page.charts.point_count("loss") >= args.steps, 900, f"{args.steps} loss points")
+        wait(app, lambda: window.training_page.charts.point_count("eval") >= 1, 600, "an evaluation point")
+        shot(window.training_page, "training")
+        shot(window.monitor_page, "monitor")
 
-    window.training_page.stop_button.click()
-    wait(app, lambda: not window.run.running, 120, "the run to stop")
-    shot(window.training_page, "training-stopped")
-    window.runs_page.refresh()
-    wait(app, lambda: window.runs_page.table.rowCount() >= 1, 30, "the runs list")
-    window.runs_page.table.selectRow(0)
-    shot(window.runs_page, "runs")
-    window.export_page.refresh()
-    shot(window.export_page, "export")
-    window.close()
+        window.training_page.stop_button.click()
+        wait(app, lambda: not window.run.running, 120, "the run to stop")
+        shot(window.training_page, "training-stopped")
+        window.runs_page.refresh()
+        wait(app, lambda: window.runs_page.table.rowCount() >= 1, 30, "the runs list")
+        window.runs_page.table.selectRow(0)
+        shot(window.runs_page, "runs")
+        window.export_page.refresh()
+        shot(window.export_page, "export")
+        window.close()
+    finally:
+        xvfb.terminate()
     return 0
 
 

@@ -378,7 +378,7 @@ class MainWindow(QMainWindow):
     def _demo_ready(self, demo_dir: Path) -> None:
         self.model_page.waiting_for = self.dataset_page.waiting_for = None
         self.demo_label.setText("Demo ready.")
-        QTimer.singleShot(5000, lambda: self.demo_label.setText(""))
+        QTimer.singleShot(5000, self.demo_label.clear)
         # Fields pointing at the demo can now be read.
         if self.model_page.source.text().startswith(str(demo_dir)):
             self.model_page.refresh_facts()
@@ -423,7 +423,7 @@ class MainWindow(QMainWindow):
         if self._uses_demo(cfg) and not demo_ready(self.state.demo_dir):
             self._start_when_demo_ready = True
             self._ensure_demo()
-            self.training_page.set_running(True, stopping=True)
+            self.training_page.set_running(True)  # Stop cancels the pending start
             self.training_page.status.setText("The run starts as soon as the demo model is ready…")
             return
         self._remember("models", cfg.model.name_or_path)
@@ -435,6 +435,11 @@ class MainWindow(QMainWindow):
             self.show_error("Cannot start", str(exc))
 
     def stop_run(self) -> None:
+        if self._start_when_demo_ready and not self.run.running:
+            self._start_when_demo_ready = False
+            self.training_page.set_running(False)
+            self.training_page.status.setText("Start cancelled.")
+            return
         if self.run.stop():
             grace = self.run.grace_s
             self.training_page.set_running(True, stopping=True)

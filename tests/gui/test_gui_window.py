@@ -86,7 +86,8 @@ def test_demo_run_stop_resume_and_close_during_a_run(window, qtbot):
     assert window.run.running
     qtbot.waitUntil(lambda: loss_points(window) >= 3, timeout=120_000)
     progress = window.findChild(QProgressBar, "progressBar")
-    assert progress.maximum() == 5000 and progress.value() >= 3
+    qtbot.waitUntil(lambda: progress.value() >= 3, timeout=5_000)
+    assert progress.maximum() == 5000
 
     click(qtbot, window, "stopButton")
     qtbot.waitUntil(lambda: not window.run.running, timeout=90_000)

@@ -10,7 +10,7 @@ import math
 import time
 from typing import Any
 
-from PySide6.QtCore import Qt, Signal
+from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -94,6 +94,10 @@ class TrainingPage(QWidget):
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.progress_state = Progress()
+        self._progress_timer = QTimer(self)
+        self._progress_timer.setSingleShot(True)
+        self._progress_timer.setInterval(100)
+        self._progress_timer.timeout.connect(self.show_progress)
 
         # --- presets and controls
         self.preset = QComboBox()
@@ -138,7 +142,7 @@ class TrainingPage(QWidget):
         self.progress.setObjectName("progressBar")
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
-        self.progress.setFormat("%v / %m steps")
+        self.progress.setFormat("No run yet")
         self.eta = QLabel("")
         self.eta.setObjectName("etaLabel")
         self.status = wrap_label("Ready.", "runStatus")
@@ -311,6 +315,7 @@ class TrainingPage(QWidget):
         self.progress_state.reset()
         self.progress.setRange(0, 1)
         self.progress.setValue(0)
+        self.progress.setFormat("%v / %m steps")
         self.eta.setText("")
         self.status.setText(description)
         self.append_log(f"— {description}")
@@ -335,12 +340,8 @@ class TrainingPage(QWidget):
                 f"({event.get('format')}), {event.get('truncated')} truncated at {event.get('max_seq_len')} tokens."
             )
         elif kind == "step":
-            step = self.progress_state.step
-            if step > self.progress.maximum():
-                self.progress.setMaximum(step)
-            self.progress.setValue(step)
-            eta = self.progress_state.eta_s()
-            self.eta.setText("" if eta is None else f"ETA {format_duration(eta)}")
+            if not self._progress_timer.isActive():
+                self._progress_timer.start()  # a burst of steps updates the bar once
         elif kind == "eval":
             self.append_log(
                 f"Evaluation at step {event.get('step')}: loss {_num(event.get('loss'), '.4f')}, "
@@ -357,15 +358,29 @@ class TrainingPage(QWidget):
         elif kind == "log":
             self.append_log(f"[{event.get('level', 'info')}] {event.get('message', '')}")
         elif kind == "finished":
-            self.progress.setValue(self.progress.maximum())
+            self._progress_timer.stop()
+            step = int(event.get("step") or self.progress_state.step)
+            self.progress.setMaximum(max(1, step))
+            self.progress.setValue(step)
             self.eta.setText("")
         elif kind == "failed":
             self.append_log(f"Failed ({event.get('kind')}): {event.get('message')}")
+
+    def show_progress(self) -> None:
+        step = self.progress_state.step
+        if step > self.progress.maximum():
+            self.progress.setMaximum(step)
+        self.progress.setValue(step)
+        eta = self.progress_state.eta_s()
+        self.eta.setText("" if eta is None else f"ETA {format_duration(eta)}")
 
     def append_log(self, line: str) -> None:
         self.log.appendPlainText(line)
 
     def end_run(self, message: str) -> None:
+        if self._progress_timer.isActive():
+            self._progress_timer.stop()
+            self.show_progress()
         self.status.setText(message)
         self.eta.setText("")
         self.append_log(f"— {message}")
