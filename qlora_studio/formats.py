@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,8 @@ FORMAT_COLUMNS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+TOO_LONG_NUMBER = f"a number has more than {sys.get_int_max_str_digits()} digits, more than can be read"
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ def _read_jsonl(path: Path) -> Iterator[Record]:
                 ) from None
             except RecursionError:
                 raise DataError("JSON nested too deeply", where=where, fix="Flatten the record.") from None
+            except ValueError:  # an integer longer than Python reads (sys.get_int_max_str_digits)
+                raise DataError(TOO_LONG_NUMBER, where=where, fix="Write such numbers as strings.") from None
             if not isinstance(data, dict):
                 raise DataError(
                     f"expected a JSON object, found {type(data).__name__}",
@@ -122,6 +127,8 @@ def _read_json(path: Path) -> Iterator[Record]:
         ) from None
     except RecursionError:
         raise DataError("JSON nested too deeply", where=str(path), fix="Flatten the records.") from None
+    except ValueError:
+        raise DataError(TOO_LONG_NUMBER, where=str(path), fix="Write such numbers as strings.") from None
     if isinstance(data, dict):
         # {"data": [...]} or {"train": [...]}: take the single list value.
         lists = [v for v in data.values() if isinstance(v, list)]
