@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -187,17 +188,43 @@ def read_local(path: str | Path, limit: int | None = None) -> list[Record]:
     if reader is None:
         raise DataError(f"cannot read {path.suffix!r} files here", where=str(path), fix="Use .jsonl, .json, .csv or .txt.")
     records: list[Record] = []
-    for record in reader(path):
-        records.append(record)
-        if limit is not None and len(records) >= limit:
-            break
+    try:
+        for record in reader(path):
+            records.append(record)
+            if limit is not None and len(records) >= limit:
+                break
+    except OSError as exc:  # no permission to read it, an I/O error
+        raise DataError(f"cannot read the file ({exc.strerror or exc})", where=str(path),
+                        fix="Check that the file is readable.") from None
     if not records:
         raise DataError("the file holds no examples", where=str(path), fix="Add examples to it (empty and blank lines are skipped).")
     return records
 
 
+def path_exists(path: Path) -> bool:
+    """``path.exists()``, but False rather than an exception for a path the system cannot look up
+    (a name longer than the file system allows, a folder without search permission)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def expand_user(spec: str) -> Path:
+    """``~`` expanded when it can be; ``~nosuchuser/...`` stays as written (and is then not found)."""
+    try:
+        return Path(spec).expanduser()
+    except RuntimeError:
+        return Path(spec)
+
+
 def check_local_path(path: Path) -> None:
-    if not path.exists():
+    try:
+        found = path.exists()
+    except OSError as exc:  # a name too long, a folder on the way without search permission
+        raise DataError(f"cannot look up the file ({exc.strerror or exc})", where=str(path),
+                        fix="Check the path and the permissions of its folders.") from None
+    if not found:
         raise DataError("dataset file not found", where=str(path), fix="Check the path, or give a hub dataset id.")
     if path.is_dir():
         raise DataError("is a folder", where=str(path), fix="Pick a dataset file (.jsonl, .json, .csv, .parquet, .txt).")
@@ -211,10 +238,15 @@ def check_local_path(path: Path) -> None:
         raise DataError("the file is empty", where=str(path), fix="Add examples to it.")
 
 
+#: A hub dataset id: ``name`` or ``namespace/name`` (letters, digits, ``-``, ``_``, ``.``; at most 96 each).
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
+
+
 def looks_local(spec: str) -> bool:
-    """A dataset spec is a local path if it exists or looks like one; else it is a hub id."""
+    """A dataset spec is a local path if it exists, looks like one, or cannot be a hub id."""
     p = Path(spec)
-    return p.exists() or spec.startswith((".", "/", "~")) or p.suffix.lower() in LOCAL_SUFFIXES
+    return (path_exists(p) or spec.startswith((".", "/", "~")) or p.suffix.lower() in LOCAL_SUFFIXES
+            or HUB_ID.fullmatch(spec) is None)
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,12 +53,12 @@ class Dataset:
 
 
 def resolve_data_path(spec: str, base_dir: Path | None) -> str:
-    p = Path(spec).expanduser()
-    if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
+    p = formats.expand_user(spec)
+    if not p.is_absolute() and base_dir is not None and formats.path_exists(base_dir / p):
         return str((base_dir / p).resolve())
-    if formats.looks_local(spec) and base_dir is not None and not p.is_absolute() and not p.exists():
+    if formats.looks_local(spec) and base_dir is not None and not p.is_absolute() and not formats.path_exists(p):
         return str((base_dir / p))
-    return str(p) if p.exists() else spec
+    return str(p) if formats.path_exists(p) else spec
 
 
 def load_records(spec: str, split: str = "train", limit: int | None = None) -> list[formats.Record]:

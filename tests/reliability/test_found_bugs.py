@@ -22,3 +22,56 @@ def test_an_integer_too_long_for_python_is_a_data_error(tmp_path, suffix):
         formats.read_local(path)
     check_user_error(info.value)
     assert info.value.where == (f"{path}, line 1" if suffix == ".jsonl" else str(path))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("x" * 5000 + ".jsonl", "cannot look up the file (File name too long)"),
+    ("d/" * 3000 + "f.json", "cannot look up the file (File name too long)"),
+    ("~nosuchuser/data.jsonl", "dataset file not found"),
+    ("my data", "dataset file not found"),  # cannot be a hub id, so checked before the run starts
+])
+def test_a_dataset_path_the_system_cannot_look_up_is_a_data_error(tmp_path, spec, message):
+    from qlora_studio.engine.data import load_records, resolve_data_path
+
+    resolved = resolve_data_path(spec, tmp_path)
+    assert formats.looks_local(resolved)
+    with pytest.raises(DataError) as info:
+        load_records(resolved)
+    check_user_error(info.value)
+    assert message in info.value.what
+
+
+def _read_as_nobody(path) -> str:
+    """``formats.read_local(path)``'s error line, read by an unprivileged user in a child process
+    (permissions do not bind root)."""
+    import subprocess
+    import sys
+
+    code = ("import os, sys\nfrom qlora_studio import formats\n"  # imported first: root's Python may be private
+            "os.setgid(65534); os.setuid(65534)\n"
+            "try:\n    formats.read_local(sys.argv[1])\n"
+            "except formats.DataError as exc:\n    print(exc.one_line())\n")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_an_unreadable_dataset_is_a_data_error():
+    import os
+    import tempfile
+    from pathlib import Path
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an unprivileged user")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        folder.chmod(0o755)
+        path = folder / "data.jsonl"
+        path.write_text('{"text": "hello"}\n')
+        path.chmod(0o000)
+        assert _read_as_nobody(path) == f"{path}: cannot read the file (Permission denied). Check that the file is readable."
+        inner = folder / "private"
+        inner.mkdir(mode=0o700)
+        (inner / "data.jsonl").write_text('{"text": "hello"}\n')
+        assert _read_as_nobody(inner / "data.jsonl") == (f"{inner / 'data.jsonl'}: cannot look up the file (Permission denied). "
+                                                          "Check the path and the permissions of its folders.")
