@@ -5,12 +5,14 @@ Kept small so the window appears quickly: PySide6 and pyqtgraph are imported her
 
 from __future__ import annotations
 
+import os
 import sys
 
 from PySide6.QtCore import Qt
 from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import QApplication
 
+from . import jobs
 from .app_state import APP_NAME, DISPLAY_NAME
 
 
@@ -33,7 +35,12 @@ def main(argv: list[str] | None = None) -> int:
 
     window = MainWindow()
     window.show()
-    return app.exec()
+    code = app.exec()
+    if jobs.running_jobs():
+        # A background read that is still blocked (a hub download on a dead network) would make
+        # Qt abort when its thread object is destroyed at exit. Settings are saved by now.
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":
