@@ -143,6 +143,8 @@ class TrainConfig:
     log_every: int = 1
     device: str = "auto"
     loss_impl: str = "chunked"
+    #: compute each 4-bit linear layer and its adapter in one fused function (engine/lora_kernels.py)
+    fused_lora: bool = True
 
     def __post_init__(self) -> None:
         _positive("train.micro_batch_size", self.micro_batch_size)

@@ -198,6 +198,10 @@ def attach_lora(model, cfg: RunConfig):
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
+    if cfg.train.fused_lora:
+        from .lora_kernels import fuse_lora_layers
+
+        fuse_lora_layers(model)
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so the frozen embeddings
         # stay as they are (no enable_input_require_grads hook).

@@ -92,7 +92,7 @@ def test_gradient_accumulation_matches_one_large_batch(demo_template):
     from qlora_studio.engine.trainer import count_learned, loss_sum
 
     cfg = C.load(demo_template / "config.toml")
-    model, tok, _ = load_model(cfg, torch.device("cpu"), torch.float32 if False else torch.bfloat16, demo_template)
+    model, tok, _ = load_model(cfg, torch.device("cpu"), torch.bfloat16, demo_template)
     # Give LoRA B nonzero values so gradients reach every adapter matrix.
     torch.manual_seed(0)
     for n, p in model.named_parameters():
@@ -112,7 +112,8 @@ def test_gradient_accumulation_matches_one_large_batch(demo_template):
 
     one, four = grads(8), grads(2)
     for a, b in zip(one, four):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-5)
+        # bf16 compute: compare each adapter matrix's gradient as a whole.
+        assert (a - b).norm() <= 2e-2 * b.norm()
 
 
 def test_chunked_loss_equals_standard(demo_template):

@@ -1,0 +1,105 @@
+"""A fused forward and backward for a 4-bit linear layer with a LoRA adapter.
+
+PEFT computes ``base(x) + B(A(dropout(x))) * scale`` as separate modules: it clones the base
+output, copies the input to fp32 for the adapter, runs two fp32 matrix products, scales and casts
+the result back, and autograd keeps an fp32 copy of the input for the backward pass. On a GPU
+those copies, casts and fp32 products took about a fifth of a step's GPU time (bench/profile_step.py
+on the 1B shape).
+
+:class:`LoRA4bitFunction` does the same arithmetic in the compute dtype, as the base layer does:
+
+    forward   y  = x W^T + scale (x_d A^T) B^T          W dequantized from 4 bits, dropped after use
+    backward  dx = g W + scale (g B) A                   W dequantized again, as bitsandbytes does
+              dA = scale (g B)^T x_d,  dB = scale g^T (x_d A^T)
+
+with ``x_d`` the dropped-out input of the adapter (``x`` itself without dropout). It keeps only
+the inputs and the rank-r product ``x_d A^T``. The adapter's weights stay in fp32 (the optimizer's
+master copy); their gradients are accumulated in fp32 from compute-dtype products.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+
+def _dequantize(weight) -> torch.Tensor:
+    import bitsandbytes.functional as bnbF
+
+    return bnbF.dequantize_4bit(weight.data, weight.quant_state)
+
+
+class LoRA4bitFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, x_d, weight, lora_a, lora_b, scale: float, bias):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        xd2 = x_d.reshape(-1, shape[-1])
+        dtype = x.dtype
+        a = lora_a.to(dtype)
+        b = lora_b.to(dtype)
+        w = _dequantize(weight).to(dtype)
+        out = x2 @ w.t()
+        del w
+        xa = xd2 @ a.t()
+        out.addmm_(xa, b.t(), alpha=scale)
+        if bias is not None:
+            out += bias.to(dtype)
+        ctx.save_for_backward(xd2, xa, a, b)
+        ctx.weight = weight
+        ctx.scale = scale
+        ctx.shape = shape
+        ctx.same_input = x_d is x
+        ctx.has_bias = bias is not None
+        return out.view(*shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        xd2, xa, a, b = ctx.saved_tensors
+        scale = ctx.scale
+        g = grad.reshape(-1, grad.shape[-1]).to(xd2.dtype)
+        gb = g @ b  # (tokens, r)
+        grad_a = (gb.t() @ xd2).float().mul_(scale)
+        grad_b = (g.t() @ xa).float().mul_(scale)
+        w = _dequantize(ctx.weight).to(g.dtype)
+        grad_x = g @ w
+        del w
+        grad_xd = None
+        if ctx.same_input:
+            grad_x.addmm_(gb, a, alpha=scale)
+        else:
+            grad_xd = (gb @ a).mul_(scale).view(ctx.shape)
+        grad_bias = g.sum(0) if ctx.has_bias else None
+        return grad_x.view(ctx.shape), grad_xd, None, grad_a, grad_b, None, grad_bias
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Replaces a PEFT ``lora.bnb.Linear4bit`` forward when one plain LoRA adapter is active."""
+    adapter = self.active_adapters[0] if len(self.active_adapters) == 1 else None
+    if (self.disable_adapters or self.merged or adapter is None or adapter not in self.lora_A
+            or adapter in getattr(self, "lora_variant", {}) or kwargs.get("adapter_names") is not None
+            # bitsandbytes repacks weights for its CPU inference kernel; only its own path reads that layout.
+            or getattr(self.base_layer.weight.quant_state, "packing_format_for_cpu", False)):
+        return self._peft_forward(x, *args, **kwargs)
+    dropout = self.lora_dropout[adapter]
+    x_d = dropout(x) if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and self.training else x
+    base = self.base_layer
+    return LoRA4bitFunction.apply(x, x_d, base.weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
+                                  float(self.scaling[adapter]), base.bias)
+
+
+def fuse_lora_layers(model) -> int:
+    """Route every PEFT 4-bit LoRA layer of ``model`` through :class:`LoRA4bitFunction`; returns the count."""
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLinear4bit) and not hasattr(module, "_peft_forward"):
+            module._peft_forward = module.forward
+            module.forward = types.MethodType(_fused_forward, module)
+            count += 1
+    return count
+
+
+__all__ = ["LoRA4bitFunction", "fuse_lora_layers"]
