@@ -294,7 +294,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.stream_child:
         return stream_child(args.rate, args.seconds)
-    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(ROOT / "bench"))
     from virtual_display import start_xvfb
 
     xvfb = start_xvfb("1600x1000x24")

@@ -7,7 +7,7 @@ charts show the run's real events.
 
 Run from the repository root (it starts a private Xvfb display; needs ``xvfb``):
 
-    python scripts/screenshots.py
+    python bench/screenshots.py
 
 Options: ``--out DIR`` (default docs/screenshots), ``--steps N`` (loss points to wait for before the
 Training page is captured), ``--scale F`` (QT_SCALE_FACTOR, e.g. 1.25 or 2 to check readability).
