@@ -16,6 +16,7 @@ Plain Python: no torch, no Qt.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_tor
 DEVICES = ("auto", "cuda", "cpu")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 LOSS_IMPLS = ("standard", "chunked")
+SEED_MAX = 2**32 - 1  # numpy's and most seeding functions' range
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -44,9 +46,23 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    _finite(name, value)
     if allow_zero and value < 0 or not allow_zero and value <= 0:
         bound = "at least 0" if allow_zero else "greater than 0"
         raise ConfigError(f"{name} = {value!r} must be {bound}", fix=f"Set {name} to a number {bound}.")
+
+
+def _finite(name: str, value: float) -> None:
+    # TOML has nan and inf; no setting means anything with them (and nan passes every comparison).
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} = {value!r} must be a finite number", fix=f"Set {name} to a number.")
+
+
+def _between(name: str, value: float, low: float, high: float, *, high_open: bool = False, fix: str = "") -> None:
+    _finite(name, value)
+    if value < low or value > high or (high_open and value == high):
+        bound = f"in [{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{name} = {value!r} must be {bound}", fix=fix or f"Set {name} to a number {bound}.")
 
 
 @dataclass
@@ -111,6 +127,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _choice("data.format", self.format, DATA_FORMATS)
         _positive("data.max_seq_len", self.max_seq_len)
+        _between("data.shuffle_seed", self.shuffle_seed, 0, SEED_MAX)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction = {self.val_fraction!r} must be in [0, 1)", fix="Use e.g. 0.05, or 0 for none.")
         valid_roles = ("instruction", "input", "output", "messages", "conversations", "prompt", "completion", "text", "system")
@@ -154,11 +171,15 @@ class TrainConfig:
         if self.max_steps == 0 and self.epochs == 0:
             raise ConfigError("train.max_steps and train.epochs are both 0", fix="Set one of them.")
         _positive("train.learning_rate", self.learning_rate)
+        _between("train.learning_rate", self.learning_rate, 0, 1, fix="QLoRA uses about 1e-4 to 2e-4.")
         _choice("train.schedule", self.schedule, SCHEDULES)
         _positive("train.warmup_steps", self.warmup_steps, allow_zero=True)
         _choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _positive("train.weight_decay", self.weight_decay, allow_zero=True)
         _positive("train.max_grad_norm", self.max_grad_norm, allow_zero=True)
+        for name in ("adam_beta1", "adam_beta2"):
+            _between(f"train.{name}", getattr(self, name), 0, 1, high_open=True, fix="Use e.g. 0.9 and 0.999.")
+        _between("train.seed", self.seed, 0, SEED_MAX)
         for name in ("eval_every", "checkpoint_every", "log_every"):
             _positive(f"train.{name}", getattr(self, name), allow_zero=True)
         _positive("train.keep_checkpoints", self.keep_checkpoints)

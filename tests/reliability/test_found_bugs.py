@@ -75,3 +75,23 @@ def test_an_unreadable_dataset_is_a_data_error():
         (inner / "data.jsonl").write_text('{"text": "hello"}\n')
         assert _read_as_nobody(inner / "data.jsonl") == (f"{inner / 'data.jsonl'}: cannot look up the file (Permission denied). "
                                                           "Check the path and the permissions of its folders.")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[train]\nlearning_rate = nan", "train.learning_rate = nan must be a finite number"),
+    ("[lora]\nalpha = inf", "lora.alpha = inf must be a finite number"),
+    ("[train]\nlearning_rate = 1e308", "train.learning_rate = 1e+308 must be in [0, 1]"),
+    ("[train]\nadam_beta1 = 1.0", "train.adam_beta1 = 1.0 must be in [0, 1)"),
+    ("[train]\nadam_beta2 = -0.5", "train.adam_beta2 = -0.5 must be in [0, 1)"),
+    ("[train]\nseed = -1", "train.seed = -1 must be in [0, 4294967295]"),
+    ("[data]\nshuffle_seed = 4294967296", "data.shuffle_seed = 4294967296 must be in [0, 4294967295]"),
+])
+def test_values_the_engine_cannot_use_are_refused_by_the_configuration(text, message):
+    """Each was accepted, then failed inside the worker (the optimizer, the seeding) as an internal error."""
+    from qlora_studio import config
+    from qlora_studio.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        config.loads(text, "run.toml")
+    check_user_error(info.value)
+    assert info.value.one_line().startswith(f"run.toml: {message}")
