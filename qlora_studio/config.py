@@ -314,7 +314,12 @@ def loads(text: str, source: str = "config") -> RunConfig:
 
 def load(path: str | Path) -> RunConfig:
     path = Path(path)
-    if not path.exists():
+    try:
+        found = path.exists()
+    except OSError as exc:  # a name too long, a folder on the way without search permission
+        raise ConfigError(f"cannot look up the file ({exc.strerror or exc})", where=str(path),
+                          fix="Check the path and the permissions of its folders.") from None
+    if not found:
         raise ConfigError("configuration file not found", where=str(path), fix="Check the path, or write one with `qlora-studio demo DIR`.")
     if path.is_dir():
         raise ConfigError("is a folder, not a configuration file", where=str(path), fix="Pass the path of a config.toml.")
@@ -322,6 +327,9 @@ def load(path: str | Path) -> RunConfig:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError("not a UTF-8 text file", where=str(path), fix="Save the configuration as UTF-8 TOML.") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file ({exc.strerror or exc})", where=str(path),
+                          fix="Check that the file is readable.") from None
     return loads(text, str(path))
 
 

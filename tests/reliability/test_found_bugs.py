@@ -6,6 +6,9 @@ a traceback for the person) or named no file.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from qlora_studio import formats
@@ -41,40 +44,54 @@ def test_a_dataset_path_the_system_cannot_look_up_is_a_data_error(tmp_path, spec
     assert message in info.value.what
 
 
-def _read_as_nobody(path) -> str:
-    """``formats.read_local(path)``'s error line, read by an unprivileged user in a child process
-    (permissions do not bind root)."""
+def _as_nobody(function: str, path) -> str:
+    """The error line of ``qlora_studio.<function>(path)`` run by an unprivileged user in a child
+    process (permissions do not bind root)."""
     import subprocess
     import sys
 
-    code = ("import os, sys\nfrom qlora_studio import formats\n"  # imported first: root's Python may be private
+    module, name = function.rsplit(".", 1)
+    code = (f"import os, sys\nfrom qlora_studio import {module}\n"  # imported first: root's Python may be private
+            "from qlora_studio.errors import UserError\n"
             "os.setgid(65534); os.setuid(65534)\n"
-            "try:\n    formats.read_local(sys.argv[1])\n"
-            "except formats.DataError as exc:\n    print(exc.one_line())\n")
+            f"try:\n    {module}.{name}(sys.argv[1])\n"
+            "except UserError as exc:\n    print(exc.one_line())\n")
     result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
 
-def test_an_unreadable_dataset_is_a_data_error():
-    import os
+def _world_readable_folder():
     import tempfile
-    from pathlib import Path
 
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch to an unprivileged user")
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        folder.chmod(0o755)
-        path = folder / "data.jsonl"
+    tmp = tempfile.TemporaryDirectory()
+    os.chmod(tmp.name, 0o755)
+    return tmp
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+@pytest.mark.parametrize("function, name", [("formats.read_local", "data.jsonl"), ("config.load", "config.toml")])
+def test_an_unreadable_file_is_a_user_error(function, name):
+    with _world_readable_folder() as tmp:
+        path = Path(tmp) / name
         path.write_text('{"text": "hello"}\n')
         path.chmod(0o000)
-        assert _read_as_nobody(path) == f"{path}: cannot read the file (Permission denied). Check that the file is readable."
-        inner = folder / "private"
+        assert _as_nobody(function, path) == f"{path}: cannot read the file (Permission denied). Check that the file is readable."
+        inner = Path(tmp) / "private"
         inner.mkdir(mode=0o700)
-        (inner / "data.jsonl").write_text('{"text": "hello"}\n')
-        assert _read_as_nobody(inner / "data.jsonl") == (f"{inner / 'data.jsonl'}: cannot look up the file (Permission denied). "
-                                                          "Check the path and the permissions of its folders.")
+        (inner / name).write_text('{"text": "hello"}\n')
+        assert _as_nobody(function, inner / name) == (f"{inner / name}: cannot look up the file (Permission denied). "
+                                                      "Check the path and the permissions of its folders.")
+
+
+def test_a_configuration_path_too_long_exits_2(tmp_path):
+    from .fuzzkit import ERROR_PREFIX, cli
+
+    result = cli("train", tmp_path / ("x" * 5000 + ".toml"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(ERROR_PREFIX) and result.stderr.rstrip().endswith(
+        "cannot look up the file (File name too long). Check the path and the permissions of its folders.")
+    assert len(result.stderr.splitlines()) == 1
 
 
 @pytest.mark.parametrize("text, message", [
