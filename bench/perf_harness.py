@@ -7,6 +7,8 @@ each contender in its own process on the same data (random token ids, every toke
   engine       this project's engine with exactly the shared settings
   unsloth      Unsloth, when it is importable (a benchmark peer, never a dependency)
   engine-auto  this engine with the settings it picks for the GPU (see ``auto_settings``)
+  engine-peft-lora   the engine with PEFT's own LoRA layers instead of the fused ones (what fusing gives)
+  engine-cupti       the engine with the CUPTI paging counters on (what collecting them costs)
 
 Shared settings: LoRA r=16, alpha=16, dropout 0 on all seven projections, gradient checkpointing,
 PagedAdamW32bit, bf16 compute, SDPA attention; 3 warm-up steps, then 8 timed ones. Every
@@ -150,7 +152,8 @@ def contender_seed(model_dir: Path, shape: str, steps: int) -> tuple[list[float]
     return _time_steps(step, shape, steps), {}
 
 
-def contender_engine(model_dir: Path, shape: str, steps: int, auto: bool = False):
+def contender_engine(model_dir: Path, shape: str, steps: int, auto: bool = False, fused_lora: bool = True,
+                     paging: bool = False):
     import torch
 
     from qlora_studio.engine import device as devices
@@ -160,6 +163,16 @@ def contender_engine(model_dir: Path, shape: str, steps: int, auto: bool = False
     device = devices.resolve_device("auto")
     settings = auto_settings(shape, device) if auto else {}
     cfg = run_config(model_dir, **{k: v for k, v in settings.items() if k in ("gradient_checkpointing", "loss_impl")})
+    from qlora_studio import config as C
+
+    cfg = C.replace(cfg, train={"fused_lora": fused_lora})
+    settings = {**settings, "fused_lora": fused_lora}
+    collector = None
+    if paging:
+        from qlora_studio.engine.trainer import make_paging_collector
+
+        collector = make_paging_collector(device)
+        settings["paging_counters"] = collector.unavailable or "on"
     model, _, _ = load_model(cfg, device, torch.bfloat16 if device.type == "cuda" else devices.resolve_compute_dtype("auto", device))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(cfg, params)
@@ -168,7 +181,9 @@ def contender_engine(model_dir: Path, shape: str, steps: int, auto: bool = False
 
     def step(b):
         # The same labels convention as the others: the loss is over next-token predictions.
-        loss, _, _ = train_step(model, [b], params, opt, sched, cfg, device)
+        loss, _, _ = train_step(model, [b], params, opt, sched, cfg, device, collector)
+        if collector is not None:
+            collector.flush(0)
         return loss
 
     return _time_steps(step, shape, steps), settings
@@ -225,7 +240,9 @@ def worker(args) -> int:
     model_dir = Path(args.model)
     os.environ["QS_BENCH_MODEL"] = str(model_dir)
     fn = {"seed": contender_seed, "engine": contender_engine, "unsloth": contender_unsloth,
-          "engine-auto": lambda m, s, n: contender_engine(m, s, n, auto=True)}[args.worker]
+          "engine-auto": lambda m, s, n: contender_engine(m, s, n, auto=True),
+          "engine-peft-lora": lambda m, s, n: contender_engine(m, s, n, fused_lora=False),
+          "engine-cupti": lambda m, s, n: contender_engine(m, s, n, paging=True)}[args.worker]
     (losses, times), settings = fn(model_dir, args.shape, args.steps)
     s = SHAPES[args.shape]
     timed = times[WARMUP:WARMUP + TIMED]
