@@ -296,6 +296,14 @@ def _text(value: Any, name: str, where: str, *, allow_empty: bool = False) -> st
         raise DataError(f"field {name!r} must be text, found {type(value).__name__}", where=where)
     if not allow_empty and not value.strip():
         raise DataError(f"field {name!r} is empty", where=where, fix="Remove the record or fill the field.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON may escape a lone surrogate ("\ud800"); no tokenizer takes one
+        raise DataError(
+            f"field {name!r} holds invalid Unicode (a lone surrogate {value[exc.start]!r} at character {exc.start + 1})",
+            where=where,
+            fix="Fix or remove that \\u escape in the file.",
+        ) from None
     return value
 
 

@@ -112,3 +112,18 @@ def test_values_the_engine_cannot_use_are_refused_by_the_configuration(text, mes
         config.loads(text, "run.toml")
     check_user_error(info.value)
     assert info.value.one_line().startswith(f"run.toml: {message}")
+
+
+def test_a_lone_surrogate_escape_in_json_is_a_data_error_naming_the_line(tmp_path, demo_tokenizer):
+    """Legal JSON, not text: it reached the tokenizer, which raised a TypeError."""
+    from qlora_studio.config import DataConfig
+    from qlora_studio.engine.data import build_examples
+
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q\\ud800", "output": "a"}\n')
+    records = formats.read_local(path)
+    with pytest.raises(DataError) as info:
+        build_examples(records, "alpaca", DataConfig(path=str(path)), demo_tokenizer)
+    check_user_error(info.value)
+    assert info.value.where == f"{path}, line 2"
+    assert "field 'instruction' holds invalid Unicode (a lone surrogate '\\ud800' at character 2)" in info.value.what
