@@ -149,6 +149,21 @@ def tokenize_segments(tokenizer, segments: list[formats.Segment]) -> tuple[list[
     return ids, labels
 
 
+def _segments(record: formats.Record, fmt: str, cfg: DataConfig, eos: str, render) -> list[formats.Segment]:
+    """A record's segments; a chat template that refuses the conversation is a DataError naming the record."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return formats.record_segments(record.data, fmt, cfg.columns, record.where, eos, render, cfg.train_on_prompt)
+    except TemplateError as exc:  # templates call raise_exception(), e.g. on turns that do not alternate
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(
+            f"the tokenizer's chat template refuses this conversation ({message})",
+            where=record.where,
+            fix="Fix the order of the turns (many templates need user and assistant to alternate), or remove the record.",
+        ) from None
+
+
 def build_examples(
     records: list[formats.Record], fmt: str, cfg: DataConfig, tokenizer
 ) -> tuple[list[Example], int, int, list[int], str]:
@@ -158,7 +173,7 @@ def build_examples(
     truncated = dropped = 0
     lengths: list[int] = []
     for record in records:
-        segments = formats.record_segments(record.data, fmt, cfg.columns, record.where, eos, render, cfg.train_on_prompt)
+        segments = _segments(record, fmt, cfg, eos, render)
         ids, labels = tokenize_segments(tokenizer, segments)
         lengths.append(len(ids))
         if len(ids) > cfg.max_seq_len:

@@ -127,3 +127,22 @@ def test_a_lone_surrogate_escape_in_json_is_a_data_error_naming_the_line(tmp_pat
     check_user_error(info.value)
     assert info.value.where == f"{path}, line 2"
     assert "field 'instruction' holds invalid Unicode (a lone surrogate '\\ud800' at character 2)" in info.value.what
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_data_error_naming_the_line(tmp_path, template_tokenizer):
+    """Templates raise on turns in an order they do not support; that escaped as jinja2's TemplateError."""
+    from qlora_studio.config import DataConfig
+    from qlora_studio.engine.data import build_examples
+
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+                    '{"messages": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]}\n')
+    records = formats.read_local(path)
+    with pytest.raises(DataError) as info:
+        build_examples(records, "chat", DataConfig(path=str(path)), template_tokenizer)
+    check_user_error(info.value)
+    assert info.value.where == f"{path}, line 2"
+    assert info.value.what == ("the tokenizer's chat template refuses this conversation "
+                               "(Conversation roles must alternate user/assistant/user/assistant/...)")
+    examples, *_ = build_examples(records[:1], "chat", DataConfig(path=str(path)), template_tokenizer)
+    assert len(examples) == 1
