@@ -74,6 +74,48 @@ def check_local_model(folder: Path, allow_pickle: bool) -> None:
             fix="Convert them to safetensors, or allow it for this model with model.allow_pickle_weights = true.",
         )
     check_causal(cfg, str(cfg_file))
+    if safe:
+        weight_shapes(folder)
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files transformers will load: the shards an index names, or model.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, OSError):
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ModelError("the weights index is not valid (it needs a weight_map of tensor names to files)", where=str(index),
+                             fix="Download or copy the model's files again.")
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelError(f"the weights index names {len(missing)} missing file(s): {', '.join(missing[:3])}",
+                             where=str(index), fix="Download or copy the missing weight files into the model folder.")
+        return files
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape from the safetensors headers (nothing is read beyond them).
+
+    A truncated or overwritten file fails here, naming the file, instead of deep inside the loader.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                for name in fh.keys():
+                    shapes[name] = tuple(fh.get_slice(name).get_shape())
+        except (SafetensorError, OSError) as exc:
+            raise ModelError(f"the weights file is damaged or incomplete ({first_line(exc)})", where=str(path),
+                             fix="Download or copy the file again.") from None
+    return shapes
 
 
 def check_causal(cfg: dict[str, Any], where: str) -> None:
@@ -135,6 +177,7 @@ def quantization_config(cfg: RunConfig, dtype: torch.dtype):
 
 def load_base(source: str, cfg: RunConfig, device: torch.device, dtype: torch.dtype, *, quantize: bool = True):
     """The frozen base model: 4-bit NF4/FP4 through bitsandbytes, everything else in ``dtype``."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     local = Path(source).is_dir()
@@ -157,7 +200,7 @@ def load_base(source: str, cfg: RunConfig, device: torch.device, dtype: torch.dt
         raise
     except torch.cuda.OutOfMemoryError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError, AttributeError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, AttributeError, TypeError, SafetensorError) as exc:
         msg = first_line(exc)
         fix = "Check that the folder holds a complete model whose config matches its weights."
         if "trust_remote_code" in msg:

@@ -146,3 +146,43 @@ def test_a_conversation_the_chat_template_refuses_is_a_data_error_naming_the_lin
                                "(Conversation roles must alternate user/assistant/user/assistant/...)")
     examples, *_ = build_examples(records[:1], "chat", DataConfig(path=str(path)), template_tokenizer)
     assert len(examples) == 1
+
+
+def _model_copy(demo_template, tmp_path) -> Path:
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(demo_template / "model", folder)
+    return folder
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _shard_index(folder: Path) -> None:
+    import json
+
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
+
+
+@pytest.mark.parametrize("damage, file, message", [
+    (_truncate, "model.safetensors", "the weights file is damaged or incomplete (Error while deserializing header: incomplete metadata"),
+    (lambda p: p.write_bytes(os.urandom(4096)), "model.safetensors", "the weights file is damaged or incomplete"),
+    (lambda p: p.write_bytes(b""), "model.safetensors", "the weights file is damaged or incomplete"),
+    (lambda p: _shard_index(p.parent), "model.safetensors.index.json",
+     "the weights index names 1 missing file(s): model-00002-of-00002.safetensors"),
+])
+def test_damaged_weights_are_a_model_error_naming_the_file(demo_template, tmp_path, damage, file, message):
+    """Each escaped from the loader as safetensors' SafetensorError (exit code 1) after the run folder was made."""
+    from qlora_studio.engine.model import check_local_model
+    from qlora_studio.errors import ModelError
+
+    folder = _model_copy(demo_template, tmp_path)
+    damage(folder / "model.safetensors")
+    with pytest.raises(ModelError) as info:
+        check_local_model(folder, allow_pickle=False)
+    check_user_error(info.value)
+    assert info.value.where == str(folder / file)
+    assert info.value.what.startswith(message)
