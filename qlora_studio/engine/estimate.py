@@ -1,22 +1,22 @@
 """How much GPU memory a QLoRA run needs, from ``config.json`` and the run configuration alone.
 
-The estimate follows what this project's engine allocates (``engine/model.py``, ``engine/trainer.py``):
-a frozen 4-bit bitsandbytes base, embeddings/head/norms in the compute dtype, PEFT LoRA adapters in
-fp32 on the quantized linear layers, no autocast, transformers' Llama-style decoder layers under
-non-reentrant gradient checkpointing, and the cross-entropy on fp32 logits. It is a model of the
-tensors alive at the step's peak, not a fitted curve; docs/estimate.md derives each term and
-bench/estimate_accuracy.py measures it against the H200.
+The estimate is not a fitted curve. It simulates one training step of this project's engine
+tensor by tensor -- every allocation and release, in order -- and reports the largest moment:
 
-The peak is the largest of four moments of a training step:
+* the model as the engine loads it (``engine/model.py``): 4-bit NF4/FP4 weights with their
+  quantization constants, embeddings, output head and norms in the compute dtype, LoRA adapters
+  in fp32 on the selected projections;
+* the step as the engine runs it (``engine/trainer.py``, ``engine/lora_kernels.py``,
+  ``engine/losses.py``): transformers' Llama-style decoder layers, the fused 4-bit + LoRA function
+  or PEFT's layers, SDPA/eager attention, non-reentrant gradient checkpointing with its
+  recomputation, the chunked or standard cross-entropy, gradient accumulation, the optimizer's
+  states (paged ones live in CUDA unified memory and are reported apart);
+* PyTorch's CUDA caching allocator, replayed over the same allocations, for the reserved memory
+  (what fragmentation adds), and the CUDA context that NVML sees besides.
 
-* **forward** -- the loss is being computed: activations saved for backward, plus the logits, their
-  fp32 copy and log-softmax output;
-* **loss backward** -- the log-softmax backward holds its saved output, the incoming gradient and
-  its result, three fp32 vocabulary-sized buffers;
-* **layer backward** -- the top decoder layer's backward (after recomputing it, with
-  checkpointing): that layer's saved tensors, the gradients flowing through it and a dequantized
-  bf16 copy of the largest 4-bit weight;
-* **optimizer step** -- LoRA gradients and the optimizer's states (and temporaries).
+tests/estimate/ checks the simulation against the bytes of real tensors and against the live
+bytes of the engine's real step on the CPU; bench/estimate_accuracy.py checks the whole against
+measured peaks on the H200. docs/estimate.md explains each term.
 
 Torch-free: the GUI imports this at start-up, and ``qlora-studio estimate`` runs without a GPU.
 """
@@ -54,7 +54,7 @@ EIGHT_BIT_BLOCK = 256  #: elements per fp32 absmax of a blockwise 8-bit state
 # --- the engine (engine/trainer.py) ---------------------------------------------------------
 LOSS_CHUNK_TOKENS = 1024  #: tokens per output-head chunk of the ``chunked`` loss (trainer.LOSS_CHUNK_TOKENS)
 LORA_BYTES = 4  #: PEFT keeps LoRA weights in fp32 over a 4-bit base and casts their input to fp32
-#: Whether autograd adds a tensor's second gradient into the first one's buffer (measured: no)
+#: Whether autograd adds a tensor's second gradient into the first one's buffer (observed: no)
 ACCUMULATE_IN_PLACE = False
 BNB_FUSED_MAX_TOKENS = 1536  #: above this many tokens bitsandbytes dequantizes, then runs F.linear
 DROPOUT_MASK_BYTES = 1  #: CUDA's fused dropout saves a bool mask
@@ -66,7 +66,8 @@ CUDA_CONTEXT_BYTES = 600 * MiB
 ALLOCATION_GRANULE = 512  #: the caching allocator rounds every block to 512 bytes
 #: cuBLAS's workspace (32 MiB on Hopper), one per thread that runs products: the forward's and
 #: autograd's backward thread. PyTorch allocates them through its caching allocator.
-CUBLAS_WORKSPACE_BYTES = 2 * 32 * MiB
+CUBLAS_WORKSPACE = 32 * MiB
+CUBLAS_WORKSPACE_BYTES = 2 * CUBLAS_WORKSPACE
 
 #: A configuration "fits" when its estimated peak plus this fraction fits the available memory;
 #: within the fraction it is "tight" (about the estimate's measured accuracy).
@@ -283,32 +284,36 @@ class _Timeline:
     :meth:`free` when the backward that needs it has run). The kinds become breakdown lines.
     """
 
-    def __init__(self, base: dict[str, int], record: bool = False):
+    def __init__(self, base: dict[str, int], record: bool = False, granule: int = ALLOCATION_GRANULE):
         self._tensors: dict[int, list] = {}  # handle -> [bytes, kind, references]
+        self._granule = granule
         self._next = 1
         #: (handle, bytes) for an allocation, (handle, 0) for a release: for the allocator replay
         self.events: list[tuple[int, int]] | None = [] if record else None
         self.by_kind: dict[str, int] = dict(base)
         self.now = sum(base.values())
         self.phase = "forward"
-        self.peak = -1
-        self.peak_kinds: dict[str, int] = {}
-        self.peak_phase = ""
         self.phase_peaks: dict[str, int] = {}
+        self.peak = -1
+        self.peak_phase = ""
+        self._peak_kinds: dict[str, int] = {}
+        self._at_peak = False  # nothing has changed since the last new peak
 
     def alloc(self, nbytes: int, kind: str = "work") -> int:
         handle = self._next
-        self._next += 1
-        nbytes = _granule(max(0, int(nbytes)))
+        self._next = handle + 1
+        granule = self._granule
+        nbytes = -(-int(nbytes) // granule) * granule if nbytes > 0 else 0
         self._tensors[handle] = [nbytes, kind, 1]
-        if self.events is not None and nbytes:
-            self.events.append((handle, nbytes))
-        self.now += nbytes
-        self.by_kind[kind] = self.by_kind.get(kind, 0) + nbytes
-        if self.now > self.phase_peaks.get(self.phase, -1):
-            self.phase_peaks[self.phase] = self.now
-        if self.now > self.peak:
-            self.peak, self.peak_kinds, self.peak_phase = self.now, dict(self.by_kind), self.phase
+        if nbytes:
+            if self.events is not None:
+                self.events.append((handle, nbytes))
+            self.now += nbytes
+            self.by_kind[kind] = self.by_kind.get(kind, 0) + nbytes
+            if self.now > self.phase_peaks.get(self.phase, -1):
+                self.phase_peaks[self.phase] = self.now
+            if self.now > self.peak:  # the breakdown is copied lazily, before the next change
+                self.peak, self.peak_phase, self._at_peak = self.now, self.phase, True
         return handle
 
     def free(self, *handles: int | None) -> None:
@@ -320,10 +325,12 @@ class _Timeline:
             tensor[2] -= 1
             if tensor[2] == 0:
                 del self._tensors[handle]
-                if self.events is not None and tensor[0]:
-                    self.events.append((handle, 0))
-                self.now -= tensor[0]
-                self.by_kind[tensor[1]] -= tensor[0]
+                if tensor[0]:
+                    self._settle_peak()
+                    if self.events is not None:
+                        self.events.append((handle, 0))
+                    self.now -= tensor[0]
+                    self.by_kind[tensor[1]] -= tensor[0]
 
     def keep(self, handle: int | None) -> int | None:
         """Autograd saves the tensor for backward: one more reference, and it counts as activations."""
@@ -331,13 +338,28 @@ class _Timeline:
         if tensor is not None:
             tensor[2] += 1
             if tensor[1] != "activations":
+                self._settle_peak()
                 self.by_kind[tensor[1]] -= tensor[0]
                 self.by_kind["activations"] = self.by_kind.get("activations", 0) + tensor[0]
                 tensor[1] = "activations"
         return handle
 
+    def _settle_peak(self) -> None:
+        if self._at_peak:
+            self._peak_kinds, self._at_peak = dict(self.by_kind), False
+
+    @property
+    def peak_kinds(self) -> dict[str, int]:
+        """The breakdown by kind at the peak."""
+        self._settle_peak()
+        return self._peak_kinds
+
     def size(self, handle: int) -> int:
         return self._tensors[handle][0]
+
+    def reset_peak(self) -> None:
+        """Watch for the peak from now on (after loading, say)."""
+        self.peak, self.phase_peaks, self._at_peak = self.now, {}, True
 
 
 class _StepSimulation:
@@ -910,9 +932,18 @@ class _StepSimulation:
 
     # --- the step ------------------------------------------------------------------------------
 
-    def run(self) -> _Timeline:
+    def run(self, lump: bool = False) -> _Timeline:
+        """One micro-step: forward through every layer, the loss, backward through every layer.
+
+        ``lump``: simulate only the two first and two last layers; each middle layer is a lump of
+        the bytes it keeps from its forward to its backward and of its adapters' gradients. Exact
+        for the peak -- all middle layers are alike and what stays alive at a layer changes
+        linearly with its depth, so the largest moment falls in an end layer or outside them --
+        and what the suggestions' many estimates need to stay fast. No replay with it.
+        """
         info, tl, t, c, shape = self.info, self.tl, self.t, self.c, self.shape
         h, layers = info.hidden_size, info.layers
+        simulated = set(range(layers)) if not lump or layers <= 4 else {0, 1, layers - 2, layers - 1}
         tl.phase = "forward"
         batch = [tl.alloc(3 * 8 * t), tl.alloc(8 * shape.batch * (shape.seq - 1))]  # ids, mask, labels; shifted labels
         batch.append(tl.alloc(2 * c * info.head_dim * shape.seq, "activations"))  # RoPE's cos and sin
@@ -920,34 +951,52 @@ class _StepSimulation:
         if kernel != "flash":  # the 4-D mask: boolean for SDPA, additive for eager
             batch.append(tl.alloc((1 if kernel == "efficient" else c) * shape.batch * shape.seq * shape.seq, "activations"))
         x = tl.alloc(c * h * t)  # the embeddings
-        inputs, saved = [], []
+        inputs, saved, kept_by_layer = [], [], 0
         for index in range(layers):
             input_grad = index > 0 or self.embeddings_need_grad
+            if index not in simulated:  # what layer 1 kept, again
+                saved.append(tl.alloc(kept_by_layer, "activations"))
+                continue
+            before = tl.now
             out, layer_saved = self.layer_forward(x, input_grad, keep=not self.checkpointing)
             if self.checkpointing:  # the checkpoint keeps the layer's input
                 inputs.append(tl.keep(x))
             tl.free(x)
             saved.append(layer_saved)
+            if index == 1:
+                kept_by_layer = tl.now - before  # its kept tensors (its output replaced its input)
             x = out
         final, final_saved = self.norm_forward(h, t, True, True)
         tl.free(x)
         g = self.loss(final)
         g = self._replace(g, self.norm_backward(h, t, final_saved))
         tl.phase = "layer backward"
+        grads = sum(self._grad_bytes(lin) for lin in info.linears if lin.name in self.targeted)
         for index in reversed(range(layers)):
             input_grad = index > 0 or self.embeddings_need_grad
             layer_saved = saved[index]
+            if index not in simulated:
+                tl.free(layer_saved)
+                if not self.grads_present:
+                    self.grad_handles.append(tl.alloc(grads, "gradients"))
+                continue
             if self.checkpointing:
                 # the recomputation starts when backward first needs a saved tensor: in down_proj's
                 # adapter, after the gradient has passed the cast back and the scaling
                 if "down_proj" in self.targeted and not self.fused:
                     self._pending["down_proj"] = self._lora_output_grad(self.linear["down_proj"])
-                _, layer_saved = self.layer_forward(inputs[index], input_grad, keep=True, recompute=True)
+                layer_input = inputs.pop()
+                _, layer_saved = self.layer_forward(layer_input, input_grad, keep=True, recompute=True)
             g = self.layer_backward(g, layer_saved, input_grad=input_grad)
             if self.checkpointing:
-                tl.free(inputs[index])
+                tl.free(layer_input)
         tl.free(g, *batch)
         return tl
+
+    def _grad_bytes(self, lin: Linear) -> int:
+        """The bytes of one layer's gradients of this projection's adapter (fp32 A and B)."""
+        granule = self.tl._granule
+        return sum(-(-LORA_BYTES * self.shape.r * n // granule) * granule for n in (lin.in_features, lin.out_features))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1039,79 +1088,57 @@ class _CachingAllocator:
         return size
 
 
-REPLAY_STEPS = 2  #: optimizer steps replayed through the allocator (the pattern repeats from the first)
-
-
 def _load_weights(tl: _Timeline, info: ModelInfo, targets: tuple[Linear, ...], s: dict[str, Any]) -> None:
-    """The model's tensors in the order loading creates them (for the allocator replay).
+    """The model's tensors in the order loading creates them, for the allocator replay.
 
     transformers materialises each weight in the compute dtype on the GPU, bitsandbytes quantizes
     it there (absmax, packed values, then the double quantization's constants) and the 16-bit
-    copy is dropped; PEFT then adds the adapters, layer by layer.
+    copy is dropped; PEFT then adds the adapters.
     """
     c = DTYPE_BYTES[s["compute_dtype"]]
     h = info.hidden_size
-    tl.alloc(c * info.embedding_params)
+    tl.alloc(c * info.embedding_params, "weights_16bit")
 
     def quantized(lin: Linear) -> None:
         n = lin.params
         blocks = _ceil_div(n, QUANT_BLOCK)
         weight = tl.alloc(c * n)
-        absmax = tl.alloc(4 * blocks)
-        tl.alloc(_ceil_div(n, 2))
+        absmax = tl.alloc(4 * blocks, "quant_constants")
+        tl.alloc(_ceil_div(n, 2), "weights_4bit")
         if s["double_quant"]:
-            tl.alloc(4)  # the offset
+            tl.alloc(4, "quant_constants")  # the offset
             centered = tl.alloc(4 * blocks)
-            tl.alloc(blocks)
-            tl.alloc(4 * _ceil_div(blocks, NESTED_BLOCK))
-            tl.alloc(NESTED_CODE_BYTES)
+            tl.alloc(blocks, "quant_constants")
+            tl.alloc(4 * _ceil_div(blocks, NESTED_BLOCK), "quant_constants")
+            tl.alloc(NESTED_CODE_BYTES, "quant_constants")
             tl.free(centered, absmax)
-        tl.alloc(NF4_CODE_BYTES)
+        tl.alloc(NF4_CODE_BYTES, "quant_constants")
         tl.free(weight)
         if lin.bias:
-            tl.alloc(c * lin.out_features)
+            tl.alloc(c * lin.out_features, "weights_16bit")
 
     for _ in range(info.layers):
         for lin in info.linears:
             quantized(lin)
         for _ in range(info.norms_per_layer):
-            tl.alloc(c * h)
+            tl.alloc(c * h, "weights_16bit")
     for lin in info.vision_linears:
         for _ in range(lin.count):
             quantized(lin)
-    tl.alloc(c * (info.norm_params - info.layers * info.norms_per_layer * h + info.vision_other_params))
+    rest = info.norm_params - info.layers * info.norms_per_layer * h + info.vision_other_params
+    tl.alloc(c * rest, "weights_16bit")
     if info.head_params:
-        tl.alloc(c * info.head_params)
+        tl.alloc(c * info.head_params, "weights_16bit")
     for lin in targets:
         for _ in range(lin.count):
-            tl.alloc(LORA_BYTES * s["lora_r"] * lin.in_features)
-            tl.alloc(LORA_BYTES * s["lora_r"] * lin.out_features)
+            tl.alloc(LORA_BYTES * s["lora_r"] * lin.in_features, "lora")
+            tl.alloc(LORA_BYTES * s["lora_r"] * lin.out_features, "lora")
 
 
-def _replay_reserved(info: ModelInfo, targets: tuple[Linear, ...], shape: Shape, s: dict[str, Any]) -> int:
-    """Reserved bytes after loading and REPLAY_STEPS optimizer steps, by the allocator's rules."""
-    tl = _Timeline({}, record=True)
-    _load_weights(tl, info, targets, s)
-    for _ in range(CUBLAS_WORKSPACE_BYTES // (32 * MiB)):  # at the first products of forward and backward
-        tl.alloc(32 * MiB)
-    sim = _StepSimulation(info, targets, shape, s, tl)
-    sizes = lora_tensors(targets, s["lora_r"])
-    for step in range(REPLAY_STEPS):
-        for micro in range(min(2, s["grad_accum_steps"])):
-            sim.grads_present = micro > 0
-            sim.run()
-        if step == 0:  # the optimizer's states that are ordinary device tensors, created at its first step
-            for n in sizes:
-                device = optimizer_bytes(s["optimizer"], [n]).device
-                if device:
-                    tl.alloc(device // 2)
-                    tl.alloc(device - device // 2)
-        temporary = optimizer_bytes(s["optimizer"], sizes).step_temporary
-        tl.free(tl.alloc(temporary))
-        tl.free(*sim.grad_handles)
-        sim.grad_handles.clear()
+def _reserved(events: list[tuple[int, int]]) -> int:
+    """Reserved bytes after these allocations and releases, by the caching allocator's rules."""
     allocator = _CachingAllocator()
-    for handle, nbytes in tl.events:
+    for handle, nbytes in events:
         if nbytes:
             allocator.malloc(handle, nbytes)
         else:
@@ -1161,49 +1188,67 @@ LABELS = {
 }
 
 
-def _breakdown(info: ModelInfo, s: dict[str, Any], replay: bool) -> Estimate:
-    """Simulate one micro-step (and, with ``replay``, the allocator over two steps)."""
+def _simulate(info: ModelInfo, s: dict[str, Any], replay: bool) -> Estimate:
+    """One optimizer step of training, tensor by tensor; its largest moment is the estimate.
+
+    With ``replay`` the step starts from the model's loading, tensor by tensor, and every
+    allocation goes through the caching allocator for the reserved memory; with accumulation two
+    micro-batches run (the second with the gradients of the first). Without, the loaded tensors
+    are lump sums and only the micro-batch that peaks runs: what the suggestions' searches need.
+    """
     c = DTYPE_BYTES[s["compute_dtype"]]
     targets = lora_targets(info, s["target_modules"])
     shape = Shape(s["micro_batch_size"], s["seq_len"], c, s["attention"], s["lora_dropout"], s["lora_r"], s["padded"], s["device"])
     cuda = shape.device == "cuda"
-
     q = quantized_bytes((*info.linears, *info.vision_linears), s["double_quant"])
     sizes = lora_tensors(targets, s["lora_r"])
-    lora = sum(_granule(LORA_BYTES * n) for n in sizes)
     opt = optimizer_bytes(s["optimizer"], sizes)
-    persistent = {
-        "weights_4bit": q.packed,
-        "quant_constants": q.constants,
-        "weights_16bit": c * info.unquantized_params,
-        "lora": lora,
-        "optimizer": opt.device,
-        "work": CUBLAS_WORKSPACE_BYTES if cuda else 0,
-    }
-    if s["grad_accum_steps"] > 1:  # a later micro-batch starts with the gradients of the earlier ones
-        persistent["gradients"] = lora
-    sim = _StepSimulation(info, targets, shape, s, _Timeline(persistent))
-    sim.grads_present = s["grad_accum_steps"] > 1
-    timeline = sim.run()
-    phases = dict(timeline.phase_peaks)
-    # the optimizer step: activations are gone; the gradients, states and step temporaries remain
-    at_step = {**persistent, "gradients": lora}
-    at_step["work"] += opt.step_temporary
-    phases["optimizer step"] = sum(at_step.values())
-    if phases["optimizer step"] > timeline.peak:
-        kinds, phase = at_step, "optimizer step"
+    accumulating = s["grad_accum_steps"] > 1
+
+    granule = ALLOCATION_GRANULE if cuda else 1
+    if replay:
+        tl = _Timeline({}, record=cuda, granule=granule)
+        _load_weights(tl, info, targets, s)
+        for n in sizes:  # the optimizer's ordinary device states (from its first step on)
+            for state in _halves(optimizer_bytes(s["optimizer"], [n]).device):
+                tl.alloc(state, "optimizer")
     else:
-        kinds, phase = timeline.peak_kinds, timeline.peak_phase
-    allocated = sum(kinds.values())
+        tl = _Timeline({
+            "weights_4bit": q.packed, "quant_constants": q.constants, "weights_16bit": c * info.unquantized_params,
+            "lora": sum(_granule(LORA_BYTES * n) for n in sizes), "optimizer": opt.device,
+        }, granule=granule)
+    if cuda:  # cuBLAS's workspaces, from the first products of forward and backward on
+        for _ in range(CUBLAS_WORKSPACE_BYTES // CUBLAS_WORKSPACE):
+            tl.alloc(CUBLAS_WORKSPACE)
+    sim = _StepSimulation(info, targets, shape, s, tl)
+    micro_batches = [False, True] if accumulating else [False]
+    if not replay and accumulating:  # the second micro-batch only, its predecessor's gradients in place
+        micro_batches = [True]
+        sim.grad_handles = [tl.alloc(_granule(LORA_BYTES * n), "gradients") for n in sizes]
+    tl.reset_peak()
+    for grads_present in micro_batches:
+        sim.grads_present = grads_present
+        sim.run(lump=not replay)
+    tl.phase = "optimizer step"
+    tl.free(tl.alloc(opt.step_temporary))
+    tl.free(*sim.grad_handles)
+
+    kinds = dict(tl.peak_kinds)
+    allocated = tl.peak
     if cuda:
-        reserved = _replay_reserved(info, targets, shape, s) if replay else allocated
+        reserved = _reserved(tl.events) if replay else allocated
         kinds["allocator"] = max(0, reserved - allocated)
         kinds["context"] = CUDA_CONTEXT_BYTES
     items = [Item(key, LABELS[key], kinds.get(key, 0)) for key in LABELS]
     if not s["double_quant"]:
-        items[1] = Item("quant_constants", "4-bit constants (fp32 absmax)", q.constants)
-    reserved = allocated + kinds.get("allocator", 0)
-    return Estimate(info, s, items, phase, allocated, reserved, sum(i.bytes for i in items), opt.paged, phases)
+        items[1] = Item("quant_constants", "4-bit constants (fp32 absmax)", kinds.get("quant_constants", 0))
+    return Estimate(info, s, items, tl.peak_phase, allocated, allocated + kinds.get("allocator", 0),
+                    sum(i.bytes for i in items), opt.paged, dict(tl.phase_peaks))
+
+
+def _halves(nbytes: int) -> tuple[int, ...]:
+    """An optimizer's two state tensors, ``nbytes`` together."""
+    return (nbytes // 2, nbytes - nbytes // 2) if nbytes else ()
 
 
 def estimate(
@@ -1229,7 +1274,7 @@ def estimate(
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', not {device!r}")
     settings = _settings(run, padded=padded, device=device)
-    result = _breakdown(info, settings, replay=True)
+    result = _simulate(info, settings, replay=True)
     result.gpu_total, result.gpu_free = gpu_total, gpu_free
     result.notes = list(info.notes) + _notes(info, settings)
     available = gpu_free if gpu_free is not None else gpu_total
@@ -1304,7 +1349,7 @@ def _suggest(result: Estimate, info: ModelInfo, s: dict[str, Any], available: in
     ratio = result.reserved / result.allocated if result.allocated else 1.0
 
     def quick(**changes: Any) -> Estimate:
-        other = _breakdown(info, {**s, **changes}, replay=False)
+        other = _simulate(info, {**s, **changes}, replay=False)
         slack = int(other.allocated * (ratio - 1))
         other.items = [Item(i.key, i.label, slack) if i.key == "allocator" else i for i in other.items]
         other.reserved += slack
