@@ -10,6 +10,7 @@ set -uo pipefail
 out=${1:?usage: bash bench/run_gpu.sh OUT_DIR [PART ...]}; shift
 parts=${*:-tests perf1b}
 mkdir -p "$out"
+stamp=$(mktemp)  # result files newer than this one are this run's
 site=$(mktemp -d)
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || exit 1
@@ -37,6 +38,6 @@ for part in $parts; do
   rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || status=$rc
   echo "== $part: exit $rc in $(( $(date +%s) - start )) s"
 done
-# Results that scripts wrote into bench/results today travel back too.
-cp bench/results/*-"$(date +%F)"-* "$out"/ 2>/dev/null
+# Results that scripts wrote into bench/results during this run travel back too.
+find bench/results -type f -newer "$stamp" -exec cp {} "$out"/ \;
 exit $status
