@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ def resolve_source(name_or_path: str, base_dir: Path | None = None) -> str:
     return name_or_path
 
 
-def check_local_model(folder: Path, allow_pickle: bool) -> None:
+def check_local_model(folder: Path, allow_pickle: bool, *, trust_remote_code: bool = False) -> None:
     """Clear errors for a local folder that cannot be a loadable model, before anything is loaded."""
     if not folder.is_dir():
         raise ModelError("not a folder", where=str(folder), fix="Pick the folder that holds config.json and the weights.")
@@ -74,8 +75,61 @@ def check_local_model(folder: Path, allow_pickle: bool) -> None:
             fix="Convert them to safetensors, or allow it for this model with model.allow_pickle_weights = true.",
         )
     check_causal(cfg, str(cfg_file))
-    if safe:
-        weight_shapes(folder)
+    shapes = weight_shapes(folder) if safe else {}
+    if "auto_map" in cfg and not trust_remote_code:
+        return  # its configuration class is the model's own code, which only the loader may run
+    config = _model_config(folder, cfg_file, trust_remote_code)
+    if shapes and "quantization_config" not in cfg:  # pre-quantized weights are packed: other shapes
+        check_shapes(config, shapes, cfg_file, trust_remote_code)
+
+
+def _model_config(folder: Path, cfg_file: Path, trust_remote_code: bool):
+    """transformers' configuration object, with its own validation (types, head counts, model type)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - config classes validate with many exception types
+        detail = " ".join(str(exc).split())  # validation errors put the reason on their second line
+        detail = detail if len(detail) <= 240 else detail[:239] + "…"
+        raise ModelError(f"config.json is not a valid model configuration ({detail or type(exc).__name__})", where=str(cfg_file),
+                         fix="Download or copy the model's config.json again.") from None
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
+
+
+def check_shapes(config, shapes: dict[str, tuple[int, ...]], cfg_file: Path, trust_remote_code: bool = False) -> None:
+    """The weights must have the shapes config.json describes.
+
+    The model is built on the meta device (no memory) and its tensors compared with the headers of
+    the weights, by name; names that differ (checkpoints the loader renames) are left to the loader.
+    An absurd layer count is refused before building anything, so building stays cheap.
+    """
+    from transformers import AutoModelForCausalLM
+
+    layers = getattr(config, "num_hidden_layers", None)
+    found = {int(m.group(1)) for name in shapes for m in [_LAYER_INDEX.search(name)] if m}
+    if isinstance(layers, int) and found and not 1 <= layers <= max(found) + 1:
+        raise ModelError(f"config.json describes {layers} layers; the weights hold {max(found) + 1}", where=str(cfg_file),
+                         fix="The config.json belongs to another model: copy the model's own files again.")
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - an exotic model the loader may still handle: leave it to the loader
+        log.debug("could not build %s on the meta device to check its shapes", cfg_file, exc_info=True)
+        return
+    wrong = [(name, tuple(t.shape), shapes[name]) for name, t in model.state_dict().items()
+             if name in shapes and tuple(t.shape) != shapes[name]]
+    if wrong:
+        name, expected, actual = wrong[0]
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise ModelError(
+            f"the weights do not match config.json: {name} is {list(actual)} in the weights, config.json implies "
+            f"{list(expected)}{more}",
+            where=str(cfg_file),
+            fix="The config.json belongs to another model: copy the model's own files again.",
+        )
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -177,12 +231,13 @@ def quantization_config(cfg: RunConfig, dtype: torch.dtype):
 
 def load_base(source: str, cfg: RunConfig, device: torch.device, dtype: torch.dtype, *, quantize: bool = True):
     """The frozen base model: 4-bit NF4/FP4 through bitsandbytes, everything else in ``dtype``."""
+    from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     local = Path(source).is_dir()
     if local:
-        check_local_model(Path(source), cfg.model.allow_pickle_weights)
+        check_local_model(Path(source), cfg.model.allow_pickle_weights, trust_remote_code=cfg.model.trust_remote_code)
     device_map = {"": device.index if device.type == "cuda" else "cpu"}
     kwargs: dict[str, Any] = dict(
         revision=cfg.model.revision,
@@ -195,17 +250,22 @@ def load_base(source: str, cfg: RunConfig, device: torch.device, dtype: torch.dt
     if quantize:
         kwargs["quantization_config"] = quantization_config(cfg, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model, loading = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
     except ModelError:
         raise
     except torch.cuda.OutOfMemoryError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError, AttributeError, TypeError, SafetensorError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, AttributeError, TypeError, SafetensorError, StrictDataclassError) as exc:
         msg = first_line(exc)
         fix = "Check that the folder holds a complete model whose config matches its weights."
         if "trust_remote_code" in msg:
             fix = "This model needs its own code; allow it for this model with model.trust_remote_code = true."
         raise ModelError(f"cannot load the model ({msg})", where=source, fix=fix) from None
+    missing = sorted(loading.get("missing_keys") or [])
+    if missing:
+        # transformers would train on with these tensors randomly initialised (and unquantized).
+        raise ModelError(f"the weights lack {len(missing)} tensor(s) that config.json describes (first: {missing[0]})",
+                         where=source, fix="Download or copy the model's weight files again.")
     if not local:
         check_causal(model.config.to_dict(), source)
     model.config.use_cache = False

@@ -186,3 +186,55 @@ def test_damaged_weights_are_a_model_error_naming_the_file(demo_template, tmp_pa
     check_user_error(info.value)
     assert info.value.where == str(folder / file)
     assert info.value.what.startswith(message)
+
+
+def _edit_config(folder: Path, **changes) -> None:
+    import json
+
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("changes, message", [
+    # Each loaded into a mismatched model (an AttributeError from PEFT, exit code 1) or allocated
+    # tensors of the size config.json claims (64 GB for this one) before failing.
+    ({"intermediate_size": 10**9}, "the weights do not match config.json: model.layers.0.mlp.gate_proj.weight is [768, 256] "
+                                   "in the weights, config.json implies [1000000000, 256] (and 11 more)"),
+    ({"num_hidden_layers": 6}, "config.json describes 6 layers; the weights hold 4"),
+    ({"num_hidden_layers": 10**6}, "config.json describes 1000000 layers; the weights hold 4"),
+    ({"num_hidden_layers": -1}, "config.json describes -1 layers; the weights hold 4"),
+    ({"hidden_size": "big"}, "config.json is not a valid model configuration (Validation error for field 'hidden_size': "
+                             "TypeError: Field 'hidden_size' expected int, got str (value: 'big'))"),
+    ({"num_attention_heads": 3}, "config.json is not a valid model configuration (Class validation error"),
+])
+def test_a_config_json_that_does_not_match_the_weights_is_refused_before_loading(demo_template, tmp_path, changes, message):
+    from qlora_studio.engine.model import check_local_model
+    from qlora_studio.errors import ModelError
+
+    folder = _model_copy(demo_template, tmp_path)
+    _edit_config(folder, **changes)
+    with pytest.raises(ModelError) as info:
+        check_local_model(folder, allow_pickle=False)
+    check_user_error(info.value)
+    assert info.value.where == str(folder / "config.json")
+    assert info.value.what.startswith(message), info.value.what
+
+
+def test_weights_missing_a_tensor_are_a_model_error(demo_template, tmp_path):
+    """transformers initialised the missing tensor at random, unquantized: PEFT then raised an AttributeError."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from qlora_studio.engine.demo import demo_config
+    from qlora_studio.engine.model import load_base
+    from qlora_studio.errors import ModelError
+
+    folder = _model_copy(demo_template, tmp_path)
+    weights = load_file(str(folder / "model.safetensors"))
+    del weights["model.layers.2.mlp.up_proj.weight"]
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelError) as info:
+        load_base(str(folder), demo_config(), torch.device("cpu"), torch.bfloat16)
+    check_user_error(info.value)
+    assert info.value.what == "the weights lack 1 tensor(s) that config.json describes (first: model.layers.2.mlp.up_proj.weight)"
