@@ -162,6 +162,9 @@ class TrainConfig:
     loss_impl: str = "chunked"
     #: compute each 4-bit linear layer and its adapter in one fused function (engine/lora_kernels.py)
     fused_lora: bool = True
+    #: CUPTI's unified-memory counters: the paged optimizer's page moves per phase (GPU only;
+    #: measured at 7% of a 1B step's time on an H200, less on larger models)
+    paging_counters: bool = True
 
     def __post_init__(self) -> None:
         _positive("train.micro_batch_size", self.micro_batch_size)

@@ -255,12 +255,12 @@ def versions() -> dict[str, str]:
     }
 
 
-def make_paging_collector(device: torch.device):
+def make_paging_collector(device: torch.device, enabled: bool = True):
     """CUPTI paging counters on a GPU; a collector that says why not elsewhere. Never stops training."""
     from ..monitor.paging import NullCollector, make_collector
 
     try:
-        return make_collector(enabled=True, device=device)
+        return make_collector(enabled=enabled, device=device)
     except Exception as exc:  # the monitor must never stop training
         return NullCollector(f"paging counters failed to start ({exc})")
 
@@ -334,7 +334,7 @@ class Trainer:
         if data.truncated:
             log.warning("%d examples were longer than max_seq_len=%d and were truncated", data.truncated, cfg.data.max_seq_len)
 
-        paging = make_paging_collector(device)
+        paging = make_paging_collector(device, cfg.train.paging_counters)
         if paging.unavailable:
             log.info("Paging counters unavailable: %s", paging.unavailable)
             self.events.emit("log", level="info", message=f"Paging counters unavailable: {paging.unavailable}")
