@@ -324,7 +324,7 @@ def to_messages(record: dict[str, Any], fmt: str, columns: dict[str, str] | None
         if isinstance(turns, str):
             try:
                 turns = json.loads(turns)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON, a number too long, nested too deeply
                 pass
         if not isinstance(turns, list) or not turns:
             raise DataError(f"field {key!r} must be a non-empty list of turns", where=where)

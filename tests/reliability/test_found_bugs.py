@@ -238,3 +238,17 @@ def test_weights_missing_a_tensor_are_a_model_error(demo_template, tmp_path):
         load_base(str(folder), demo_config(), torch.device("cpu"), torch.bfloat16)
     check_user_error(info.value)
     assert info.value.what == "the weights lack 1 tensor(s) that config.json describes (first: model.layers.2.mlp.up_proj.weight)"
+
+
+@pytest.mark.parametrize("cell", ["[" + "9" * 5000 + "]", "[" * 100_000 + "]" * 100_000])
+def test_a_csv_conversation_cell_that_json_cannot_read_is_a_data_error(tmp_path, cell):
+    """A CSV cell holding a conversation is parsed as JSON; a number too long or nesting too deep
+    escaped as ValueError / RecursionError."""
+    path = tmp_path / "data.csv"
+    path.write_text(f'messages\n"{cell}"\n')
+    records = formats.read_local(path)
+    with pytest.raises(DataError) as info:
+        formats.record_segments(records[0].data, "chat", {}, records[0].where, "</s>")
+    check_user_error(info.value)
+    assert info.value.where == f"{path}, line 2"
+    assert info.value.what == "field 'messages' must be a non-empty list of turns"
