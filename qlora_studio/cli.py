@@ -279,6 +279,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from .engine.generate import generate, load_for_generation
 
+    _quiet_libraries(progress_bars=False)
     try:
         model, tokenizer = load_for_generation(args.target, use_adapter=not args.no_adapter, checkpoint=args.checkpoint)
     except UserError as exc:
