@@ -177,6 +177,12 @@ def check_causal(cfg: dict[str, Any], where: str) -> None:
 
     archs = cfg.get("architectures") or []
     model_type = cfg.get("model_type")
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ModelError(f"config.json's architectures must be a list of names, found {archs!r:.80}", where=where,
+                         fix='Use e.g. "architectures": ["LlamaForCausalLM"].')
+    if model_type is not None and not isinstance(model_type, str):
+        raise ModelError(f"config.json's model_type must be a name, found {model_type!r:.80}", where=where,
+                         fix='Use e.g. "model_type": "llama".')
     if any(str(a).endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
         return
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not archs:
@@ -287,11 +293,20 @@ def attach_lora(model, cfg: RunConfig):
         if unknown:
             raise ModelError(
                 f"lora.target_modules names {', '.join(unknown)}, which the model does not have",
+                where=cfg.model.name_or_path,
                 fix=f"Its linear layers are: {', '.join(available)} (or use \"{ALL_LINEAR}\").",
             )
         targets = list(wanted)
     if not targets:
-        raise ModelError("the model has no quantized linear layers to put LoRA on")
+        raise ModelError("the model has no quantized linear layers to put LoRA on", where=cfg.model.name_or_path)
+    import bitsandbytes as bnb
+
+    widest = max(min(m.in_features, m.out_features) for name, m in model.named_modules()
+                 if isinstance(m, bnb.nn.Linear4bit) and name.rsplit(".", 1)[-1] in targets)
+    if cfg.lora.r > widest:
+        # An update of a layer cannot have a rank above its width; PEFT would allocate it anyway.
+        raise ModelError(f"lora.r = {cfg.lora.r} is larger than every target layer allows (at most {widest} here)",
+                         where=cfg.model.name_or_path, fix="Use e.g. lora.r = 16 or 64.")
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,

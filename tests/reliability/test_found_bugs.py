@@ -252,3 +252,38 @@ def test_a_csv_conversation_cell_that_json_cannot_read_is_a_data_error(tmp_path,
     check_user_error(info.value)
     assert info.value.where == f"{path}, line 2"
     assert info.value.what == "field 'messages' must be a non-empty list of turns"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"architectures": "LlamaForCausalLM"}, "config.json's architectures must be a list of names, found 'LlamaForCausalLM'"),
+    ({"architectures": [], "model_type": ["llama"]}, "config.json's model_type must be a name, found ['llama']"),
+])
+def test_config_json_fields_of_the_wrong_type_are_named(demo_template, tmp_path, changes, message):
+    """A string was read letter by letter ("architecture L, l, a, m, a, ..."); a list model_type raised a TypeError."""
+    from qlora_studio.engine.model import check_local_model
+    from qlora_studio.errors import ModelError
+
+    folder = _model_copy(demo_template, tmp_path)
+    _edit_config(folder, **changes)
+    with pytest.raises(ModelError) as info:
+        check_local_model(folder, allow_pickle=False)
+    check_user_error(info.value)
+    assert info.value.what == message
+
+
+def test_a_lora_rank_wider_than_every_layer_is_refused_before_allocating(demo_template):
+    """PEFT allocated the adapters of whatever rank was asked (r = 10**6: gigabytes per layer), then failed."""
+    import torch
+
+    from qlora_studio import config
+    from qlora_studio.engine.demo import demo_config
+    from qlora_studio.engine.model import attach_lora, load_base
+    from qlora_studio.errors import ModelError
+
+    cfg = config.replace(demo_config(), model={"name_or_path": str(demo_template / "model")}, lora={"r": 10**6})
+    base = load_base(cfg.model.name_or_path, cfg, torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ModelError) as info:
+        attach_lora(base, cfg)
+    check_user_error(info.value)
+    assert info.value.what == "lora.r = 1000000 is larger than every target layer allows (at most 256 here)"
+    attach_lora(base, config.replace(cfg, lora={"r": 256}))
