@@ -32,6 +32,8 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
                 grad_hidden[start : start + chunk] = probs.to(hidden.dtype) @ weight
+                del probs
+            del logits  # one chunk's logits alive at a time
         ctx.save_for_backward(grad_hidden if grad_hidden is not None else hidden.new_empty(0))
         return total
 
