@@ -1343,8 +1343,10 @@ MAX_SUGGESTED_BATCH = 512
 def _suggest(result: Estimate, info: ModelInfo, s: dict[str, Any], available: int) -> None:
     """The largest micro-batch and sequence length that fit, and the settings that would help.
 
-    The searches skip the allocator replay and scale the allocated bytes by this configuration's
-    reserved/allocated ratio: close, and a hundred times faster.
+    "Fit" here means the peak with its margin; paged optimizer states are left out, because they
+    move to CPU memory when the GPU is full (slower, but the run goes on). The searches skip the
+    allocator replay and scale the allocated bytes by this configuration's reserved/allocated
+    ratio: close, and many times faster.
     """
     ratio = result.reserved / result.allocated if result.allocated else 1.0
 
@@ -1356,42 +1358,52 @@ def _suggest(result: Estimate, info: ModelInfo, s: dict[str, Any], available: in
         other.peak += slack
         return other
 
-    def fits(**changes: Any) -> bool:
-        return verdict(quick(**changes), available)[0] == FITS
+    def room(est: Estimate) -> bool:
+        return est.peak * (1 + MARGIN) <= available
 
     context = info.context_length or 131072
-    result.max_micro_batch = _largest(lambda b: fits(micro_batch_size=b), 1, MAX_SUGGESTED_BATCH)
-    steps = _largest(lambda k: fits(seq_len=k * SEQ_STEP), 1, max(1, context // SEQ_STEP))
+    result.max_micro_batch = _largest(lambda b: room(quick(micro_batch_size=b)), 1, MAX_SUGGESTED_BATCH)
+    steps = _largest(lambda k: room(quick(seq_len=k * SEQ_STEP)), 1, max(1, context // SEQ_STEP))
     result.max_seq_len = steps * SEQ_STEP if steps else None
     out = result.suggestions
-    if result.verdict != FITS:
-        if result.max_micro_batch and result.max_micro_batch < s["micro_batch_size"]:
-            accum = _ceil_div(s["micro_batch_size"] * s["grad_accum_steps"], result.max_micro_batch)
-            out.append(Suggestion("train.micro_batch_size", result.max_micro_batch,
-                                  f"Use micro-batch {result.max_micro_batch} with grad_accum_steps {accum} (the same batch size)."))
-        if result.max_seq_len and result.max_seq_len < s["seq_len"]:
-            out.append(Suggestion("data.max_seq_len", result.max_seq_len,
-                                  f"Or shorten data.max_seq_len to {result.max_seq_len} tokens."))
-        changes = []
-        if not s["gradient_checkpointing"]:
-            changes.append(("train.gradient_checkpointing", "gradient_checkpointing", True, "Turn on gradient checkpointing"))
-        if s["loss_impl"] == "standard" and not info.final_logit_softcapping:
-            changes.append(("train.loss_impl", "loss_impl", "chunked", "Use the chunked loss"))
-        if s["optimizer"] not in PAGED_OPTIMIZERS:
-            changes.append(("train.optimizer", "optimizer", "paged_adamw_32bit", "Use the paged optimizer"))
-        for setting, key, value, text in changes:
-            other = quick(**{key: value})
+    if result.verdict == FITS:
+        if s["gradient_checkpointing"]:
+            other = quick(gradient_checkpointing=False)
             if verdict(other, available)[0] == FITS:
-                out.append(Suggestion(setting, value, f"{text}: it would need {_gib(other.peak + other.paged)}."))
-        if not result.max_micro_batch:
-            out.append(Suggestion("model.name_or_path", None,
-                                  "Even micro-batch 1 does not fit: pick a smaller model or a GPU with more memory."))
-    elif s["gradient_checkpointing"]:
-        other = quick(gradient_checkpointing=False)
-        if verdict(other, available)[0] == FITS:
-            out.append(Suggestion("train.gradient_checkpointing", False,
-                                  f"Gradient checkpointing is not needed here (without it: {_gib(other.peak + other.paged)}); "
-                                  "turning it off makes steps about a third faster."))
+                out.append(Suggestion("train.gradient_checkpointing", False, (
+                    f"Gradient checkpointing is not needed here (without it: {_gib(other.peak + other.paged)}); "
+                    "turning it off makes steps about a third faster.")))
+        return
+    if room(result):  # only the paged optimizer states do not fit: they page
+        if s["optimizer"] == "paged_adamw_32bit":
+            other = quick(optimizer="paged_adamw_8bit")
+            out.append(Suggestion("train.optimizer", "paged_adamw_8bit", (
+                f"To keep the optimizer states on the GPU, use paged_adamw_8bit: they take {_gib(other.paged)} "
+                f"instead of {_gib(result.paged)}.")))
+        return
+    if result.max_micro_batch:
+        accum = _ceil_div(s["micro_batch_size"] * s["grad_accum_steps"], result.max_micro_batch)
+        out.append(Suggestion("train.micro_batch_size", result.max_micro_batch, (
+            f"Use micro-batch {result.max_micro_batch} with grad_accum_steps {accum} (about the same batch size).")))
+    if result.max_seq_len:
+        out.append(Suggestion("data.max_seq_len", result.max_seq_len,
+                              f"Shorten data.max_seq_len to {result.max_seq_len} tokens."))
+    changes = []
+    if not s["gradient_checkpointing"]:
+        changes.append(("train.gradient_checkpointing", "gradient_checkpointing", True, "Turn on gradient checkpointing"))
+    if s["loss_impl"] == "standard" and not info.final_logit_softcapping:
+        changes.append(("train.loss_impl", "loss_impl", "chunked", "Use the chunked loss"))
+    if s["optimizer"] not in PAGED_OPTIMIZERS:
+        changes.append(("train.optimizer", "optimizer", "paged_adamw_32bit", "Use the paged optimizer"))
+    for setting, key, value, text in changes:
+        other = quick(**{key: value})
+        if room(other):
+            out.append(Suggestion(setting, value, f"{text}: it would need {_gib(other.peak)}."))
+    if not out:
+        out.append(Suggestion("model.name_or_path", None, (
+            f"Even micro-batch 1 of {SEQ_STEP} tokens does not fit: pick a smaller model or a GPU with more memory."
+            if not room(quick(micro_batch_size=1, seq_len=SEQ_STEP)) else
+            "It fits only at micro-batch 1 with shorter sequences: see the largest sequence length above.")))
 
 
 def _gib(n: int | float) -> str:
@@ -1474,7 +1486,7 @@ def run(args: argparse.Namespace) -> int:
             if args.gpu_memory <= 0:
                 raise UserError(f"--gpu-memory {args.gpu_memory} must be greater than 0", fix="Give the GPU's memory in GiB, e.g. 24.")
             total = free = int(args.gpu_memory * GiB)
-            gpu_name = f"a {args.gpu_memory:g} GiB GPU"
+            gpu_name = "--gpu-memory"
         else:
             found = gpu_memory()
             if found is not None:
@@ -1519,11 +1531,15 @@ def format_report(result: Estimate, model_name: str = "", gpu_name: str | None =
     if result.verdict is None:
         lines.append("Verdict   none: no GPU found (NVML); give --gpu-memory GB to judge against a card")
     else:
-        lines.append(f"GPU       {gpu_name or 'GPU'}: {result.gpu_total / GiB:.1f} GiB total, {result.gpu_free / GiB:.1f} GiB free")
+        lines.append(f"GPU       {gpu_name or 'the GPU'}: {result.gpu_total / GiB:.1f} GiB total, {result.gpu_free / GiB:.1f} GiB free")
         lines.append(f"Verdict   {VERDICT_TEXT[result.verdict]}: {result.reason}")
+        largest = []
         if result.max_micro_batch:
-            lines.append(f"Largest   micro-batch {result.max_micro_batch} at {s['seq_len']} tokens; "
-                         f"sequence length {result.max_seq_len} at micro-batch {s['micro_batch_size']}")
+            largest.append(f"micro-batch {result.max_micro_batch} at {s['seq_len']} tokens")
+        if result.max_seq_len:
+            largest.append(f"sequence length {result.max_seq_len} at micro-batch {s['micro_batch_size']}")
+        if largest:
+            lines.append("Largest   " + "; ".join(largest) + " (that fit with the margin)")
         for suggestion in result.suggestions:
             lines.append(f"Suggest   {suggestion.text}")
     for note in result.notes:

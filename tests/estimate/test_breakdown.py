@@ -153,6 +153,7 @@ def test_verdicts_against_the_card():
     # paged optimizer states may move to CPU memory: tight, with the reason
     paged = point(gpu=(est.peak * 1.1 + est.paged / 2) / GiB)
     assert paged.verdict == "tight" and "paged optimizer states" in paged.reason
+    assert [(s.setting, s.value) for s in paged.suggestions] == [("train.optimizer", "paged_adamw_8bit")]
 
 
 def test_free_memory_decides_and_names_other_programs():
