@@ -18,6 +18,7 @@ import torch
 
 from ..config import ALL_LINEAR, RunConfig
 from ..errors import ModelError
+from ..formats import HUB_ID, expand_user, path_exists
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +42,12 @@ class ModelInfo:
 
 def resolve_source(name_or_path: str, base_dir: Path | None = None) -> str:
     """A local folder (relative paths resolve against ``base_dir``) or a hub id, unchanged."""
-    p = Path(name_or_path).expanduser()
-    if not p.is_absolute() and base_dir is not None and (base_dir / p).exists():
+    p = expand_user(name_or_path)
+    if not p.is_absolute() and base_dir is not None and path_exists(base_dir / p):
         return str((base_dir / p).resolve())
-    if p.exists():
+    if path_exists(p):
         return str(p.resolve())
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+    if name_or_path.startswith((".", "/", "~")) or HUB_ID.fullmatch(name_or_path) is None:
         raise ModelError("model folder not found", where=name_or_path, fix="Check the path, or give a hub id such as org/name.")
     return name_or_path
 

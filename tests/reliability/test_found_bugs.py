@@ -287,3 +287,16 @@ def test_a_lora_rank_wider_than_every_layer_is_refused_before_allocating(demo_te
     check_user_error(info.value)
     assert info.value.what == "lora.r = 1000000 is larger than every target layer allows (at most 256 here)"
     attach_lora(base, config.replace(cfg, lora={"r": 256}))
+
+
+@pytest.mark.parametrize("name", ["x" * 5000, "d/" * 3000 + "model", "~nosuchuser/model", "my model", "org/name/extra"])
+def test_a_model_name_that_is_neither_a_folder_nor_a_hub_id_is_not_found(tmp_path, name):
+    """A name too long made Path.exists() raise (exit code 1); others were passed on as hub ids."""
+    from qlora_studio.engine.model import resolve_source
+    from qlora_studio.errors import ModelError
+
+    with pytest.raises(ModelError) as info:
+        resolve_source(name, tmp_path)
+    check_user_error(info.value)
+    assert info.value.what == "model folder not found" and info.value.where == name
+    assert resolve_source("org/name", tmp_path) == "org/name"
