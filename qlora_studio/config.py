@@ -223,9 +223,9 @@ class RunConfig:
 
     def require_complete(self, source: str = "config") -> None:
         """Check what a run needs beyond valid values: a model and a dataset."""
-        if not self.model.name_or_path:
+        if not self.model.name_or_path.strip():
             raise ConfigError("model.name_or_path is empty", where=source, fix="Set it to a model folder or a hub id.")
-        if not self.data.path:
+        if not self.data.path.strip():
             raise ConfigError("data.path is empty", where=source, fix="Set it to a dataset file or a hub dataset id.")
 
 

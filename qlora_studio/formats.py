@@ -219,6 +219,9 @@ def expand_user(spec: str) -> Path:
 
 
 def check_local_path(path: Path) -> None:
+    if not str(path).strip():
+        raise DataError("no dataset file given (the path is blank)", where="data.path",
+                        fix="Set it to a dataset file or a hub dataset id.")
     try:
         found = path.exists()
     except OSError as exc:  # a name too long, a folder on the way without search permission

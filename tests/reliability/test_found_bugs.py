@@ -300,3 +300,19 @@ def test_a_model_name_that_is_neither_a_folder_nor_a_hub_id_is_not_found(tmp_pat
     check_user_error(info.value)
     assert info.value.what == "model folder not found" and info.value.where == name
     assert resolve_source("org/name", tmp_path) == "org/name"
+
+
+def test_a_blank_dataset_or_model_name_is_named_as_such(tmp_path):
+    """" " passed the emptiness check and became a path named " ": an error whose 'where' was blank."""
+    from qlora_studio import config
+    from qlora_studio.engine.data import load_records
+    from qlora_studio.errors import ConfigError
+
+    with pytest.raises(DataError) as info:
+        load_records(" ")
+    check_user_error(info.value)
+    assert info.value.one_line() == "data.path: no dataset file given (the path is blank). Set it to a dataset file or a hub dataset id."
+    for section, key in (("model", "name_or_path"), ("data", "path")):
+        cfg = config.from_dict({"model": {"name_or_path": "m"}, "data": {"path": "d.jsonl"}, section: {key: " \t"}})
+        with pytest.raises(ConfigError, match=f"{section}.{key} is empty"):
+            cfg.require_complete("run.toml")
