@@ -909,18 +909,16 @@ class _StepSimulation:
         selected = tl.alloc(c * n * h)  # index_select of the learned positions
         tl.free(shifted)
         grad_hidden = tl.keep(tl.alloc(c * n * h))
-        previous = None  # the last chunk's probabilities live on until the name is rebound
-        for start in range(0, n, LOSS_CHUNK_TOKENS):
+        for start in range(0, n, LOSS_CHUNK_TOKENS):  # one chunk's logits alive at a time
             k = min(LOSS_CHUNK_TOKENS, n - start)
             low = tl.alloc(c * k * v, "loss")  # h @ W.T
             logits = tl.alloc(4 * k * v, "loss")  # .float()
             tl.free(low)
             tl.free(tl.alloc(4 * k * v, "loss"))  # logsumexp's (logits - max).exp()
-            tl.free(previous)  # probs = logits.sub_(lse).exp_() rebinds the name
-            probs_low = tl.alloc(c * k * v, "loss")
+            probs_low = tl.alloc(c * k * v, "loss")  # the probabilities, computed in place, cast
             tl.free(tl.alloc(c * k * h), probs_low)  # @ W, copied into the gradient buffer
-            previous = logits
-        tl.free(previous, selected, hidden, grad_hidden)  # autograd's reference to grad_hidden remains
+            tl.free(logits)
+        tl.free(selected, hidden, grad_hidden)  # autograd's reference to grad_hidden remains
         tl.phase = "loss backward"
         scaled = tl.alloc(c * n * h)  # the stored gradient times the incoming one
         tl.free(grad_hidden)

@@ -23,7 +23,7 @@ CASES = {
     # name: (model_type, shape overrides, micro-batch, tokens, settings)
     "llama-ckpt-chunked": ("llama", {}, 2, 128, {"gradient_checkpointing": True, "loss_impl": "chunked", "dropout": 0.05}),
     "llama-full-standard": ("llama", {}, 2, 128, {"gradient_checkpointing": False, "loss_impl": "standard", "dropout": 0.05}),
-    "llama-ckpt-big-vocab": ("llama", {"vocab_size": 8192}, 1, 512, {"gradient_checkpointing": True, "loss_impl": "chunked", "dropout": 0.0}),
+    "llama-ckpt-big-vocab": ("llama", {"vocab_size": 8192}, 2, 1024, {"gradient_checkpointing": True, "loss_impl": "chunked", "dropout": 0.0}),
     "qwen3-ckpt": ("qwen3", {"head_dim": 64}, 2, 128, {"gradient_checkpointing": True, "loss_impl": "chunked", "dropout": 0.0}),
     "phi3-full": ("phi3", {"pad_token_id": 0}, 2, 128, {"gradient_checkpointing": False, "loss_impl": "chunked", "dropout": 0.05}),
 }
