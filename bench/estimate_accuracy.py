@@ -37,11 +37,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from perf_harness import SHAPES, build_model  # noqa: E402  (the shared random-weight models)
+from perf_harness import SHAPES, build_model  # the shared random-weight models
 
-from qlora_studio import config as C  # noqa: E402
-from qlora_studio.engine import estimate as E  # noqa: E402
-from qlora_studio.engine.modelinfo import read_model_config  # noqa: E402
+from qlora_studio import config as C
+from qlora_studio.engine import estimate as E
+from qlora_studio.engine.modelinfo import read_model_config
 
 GiB = 1024**3
 GOAL = 0.10  # every point within +-10 %
@@ -138,7 +138,7 @@ class ProcessMemory:
     def start(cls) -> ProcessMemory | None:
         try:
             return cls()
-        except Exception:  # no NVML: a CPU smoke run
+        except Exception:  # noqa: BLE001 - NVML raises its own error types; without it, a CPU smoke run
             return None
 
     def used(self) -> int:
@@ -269,10 +269,10 @@ def markdown(points: list[dict], args) -> str:
     lines = [
         "### VRAM estimate against measured peaks",
         "",
-        f"Engine defaults (LoRA r={args.lora_r or C.LoraConfig().r} on every projection, dropout {C.LoraConfig().dropout}, "
+        (f"Engine defaults (LoRA r={args.lora_r or C.LoraConfig().r} on every projection, dropout {C.LoraConfig().dropout}, "
         f"paged AdamW 32-bit, {points[0]['loss_impl'] if points else ''} loss), random full-length sequences, "
         f"{args.steps} optimizer steps per point. Measured peak = torch.cuda.max_memory_reserved() + the CUDA "
-        "context as NVML sees it. Error = (estimate - measured) / measured.",
+        "context as NVML sees it. Error = (estimate - measured) / measured."),
         "",
         "| shape | checkpointing | tokens | micro-batch | estimate GiB | measured GiB | error | allocated: est. / meas. GiB | phase |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -298,10 +298,10 @@ def markdown(points: list[dict], args) -> str:
         contexts = sorted(p["measured"]["context"] for p in measured)
         lines += [
             "",
-            f"{within} of {len(measured)} measured points within ±{GOAL:.0%}; the largest error is {worst['error']:+.1%} "
-            f"({worst['shape']}, {worst['seq']} x {worst['batch']}, checkpointing {'on' if worst['checkpointing'] else 'off'}).",
-            f"CUDA context measured: {contexts[0] / 2**20:.0f} to {contexts[-1] / 2**20:.0f} MiB "
-            f"(the estimate assumes {E.CUDA_CONTEXT_BYTES / 2**20:.0f} MiB).",
+            (f"{within} of {len(measured)} measured points within ±{GOAL:.0%}; the largest error is {worst['error']:+.1%} "
+            f"({worst['shape']}, {worst['seq']} x {worst['batch']}, checkpointing {'on' if worst['checkpointing'] else 'off'})."),
+            (f"CUDA context measured: {contexts[0] / 2**20:.0f} to {contexts[-1] / 2**20:.0f} MiB "
+            f"(the estimate assumes {E.CUDA_CONTEXT_BYTES / 2**20:.0f} MiB)."),
         ]
     return "\n".join(lines) + "\n"
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import dataclasses
 import json
 import sys
@@ -54,8 +55,6 @@ EIGHT_BIT_BLOCK = 256  #: elements per fp32 absmax of a blockwise 8-bit state
 # --- the engine (engine/trainer.py) ---------------------------------------------------------
 LOSS_CHUNK_TOKENS = 1024  #: tokens per output-head chunk of the ``chunked`` loss (trainer.LOSS_CHUNK_TOKENS)
 LORA_BYTES = 4  #: PEFT keeps LoRA weights in fp32 over a 4-bit base and casts their input to fp32
-#: Whether autograd adds a tensor's second gradient into the first one's buffer (observed: no)
-ACCUMULATE_IN_PLACE = False
 BNB_FUSED_MAX_TOKENS = 1536  #: above this many tokens bitsandbytes dequantizes, then runs F.linear
 DROPOUT_MASK_BYTES = 1  #: CUDA's fused dropout saves a bool mask
 
@@ -91,7 +90,6 @@ class Item:
     key: str
     label: str
     bytes: int
-    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -266,8 +264,8 @@ class Shape:
     dropout: float
     r: int
     padded: bool
-    #: "cuda", or "cpu" for PyTorch's CPU kernels (dropout keeps an fp32 mask, no FlashAttention
-    #: workspaces, bitsandbytes always dequantizes): how the tests check this model on a CPU
+    #: "cuda", or "cpu" for PyTorch's CPU kernels (dropout keeps its mask in the input's dtype, no
+    #: FlashAttention workspaces, bitsandbytes always dequantizes): how the tests check the model
     device: str = "cuda"
 
     @property
@@ -286,7 +284,7 @@ class _Timeline:
 
     def __init__(self, base: dict[str, int], record: bool = False, granule: int = ALLOCATION_GRANULE):
         self._tensors: dict[int, list] = {}  # handle -> [bytes, kind, references]
-        self._granule = granule
+        self.granule = granule
         self._next = 1
         #: (handle, bytes) for an allocation, (handle, 0) for a release: for the allocator replay
         self.events: list[tuple[int, int]] | None = [] if record else None
@@ -302,7 +300,7 @@ class _Timeline:
     def alloc(self, nbytes: int, kind: str = "work") -> int:
         handle = self._next
         self._next = handle + 1
-        granule = self._granule
+        granule = self.granule
         nbytes = -(-int(nbytes) // granule) * granule if nbytes > 0 else 0
         self._tensors[handle] = [nbytes, kind, 1]
         if nbytes:
@@ -545,10 +543,7 @@ class _StepSimulation:
         return g_scaled
 
     def _accumulate(self, buffer: int, new: int) -> int:
-        """Autograd adds a second gradient for the same tensor to the first one."""
-        if ACCUMULATE_IN_PLACE:
-            self.tl.free(new)
-            return buffer
+        """Autograd adds a second gradient for the same tensor to the first one, into a new tensor."""
         total = self.tl.alloc(self.tl.size(buffer))
         self.tl.free(buffer, new)
         return total
@@ -993,7 +988,7 @@ class _StepSimulation:
 
     def _grad_bytes(self, lin: Linear) -> int:
         """The bytes of one layer's gradients of this projection's adapter (fp32 A and B)."""
-        granule = self.tl._granule
+        granule = self.tl.granule
         return sum(-(-LORA_BYTES * self.shape.r * n // granule) * granule for n in (lin.in_features, lin.out_features))
 
 
@@ -1404,7 +1399,7 @@ def _suggest(result: Estimate, info: ModelInfo, s: dict[str, Any], available: in
             "It fits only at micro-batch 1 with shorter sequences: see the largest sequence length above.")))
 
 
-def _gib(n: int | float) -> str:
+def _gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
@@ -1428,20 +1423,18 @@ def gpu_memory(index: int | None = None) -> tuple[str, int, int] | None:
         index = int(first) if first.isdigit() else 0
     try:
         pynvml.nvmlInit()
-    except Exception:  # no driver, no GPU: NVML raises its own error types
+    except Exception:  # noqa: BLE001 - no driver, no GPU: NVML raises its own error types
         return None
     try:
         handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
         name = pynvml.nvmlDeviceGetName(handle)
         return (name.decode() if isinstance(name, bytes) else str(name)), int(mem.total), int(mem.free)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a GPU NVML cannot describe is no GPU for the verdict
         return None
     finally:
-        try:
+        with contextlib.suppress(Exception):
             pynvml.nvmlShutdown()
-        except Exception:
-            pass
 
 
 HELP = "estimate the GPU memory a configuration needs, from the model's config.json alone"

@@ -175,8 +175,8 @@ def _read_hub_config(repo_id: str, revision: str, cache_dir: str | Path | None) 
     from huggingface_hub.errors import (
         EntryNotFoundError,
         GatedRepoError,
-        HFValidationError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -231,7 +231,7 @@ def is_cached(hub_id: str, revision: str = "main", *, cache_dir: str | Path | No
 
     try:
         cfg = try_to_load_from_cache(hub_id, CONFIG_FILE, cache_dir=cache_dir, revision=revision)
-    except Exception:  # an invalid id is simply not cached
+    except Exception:  # noqa: BLE001 - an invalid id (whatever the hub's validator raises) is not cached
         return False
     if not isinstance(cfg, str):
         return False

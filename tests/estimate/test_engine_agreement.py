@@ -32,8 +32,8 @@ CASES = {
 def _model_folder(tmp_path, model_type: str, overrides: dict):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    shape = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1024)
+    shape = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 1024}
     config = AutoConfig.for_model(model_type, **{**shape, **overrides})
     torch.manual_seed(0)
     folder = tmp_path / model_type

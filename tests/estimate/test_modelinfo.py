@@ -11,7 +11,6 @@ from qlora_studio.errors import ModelError
 
 from .shapes import LLAMA_1B, LLAMA_8B, write_model_folder
 
-
 # --- reading config.json ---------------------------------------------------------------------
 
 
