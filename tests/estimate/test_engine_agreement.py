@@ -72,3 +72,9 @@ def test_simulated_step_matches_the_engine(tmp_path, case):
         f"{case}: the engine's step peaked at {tracker.peak / 2**20:.2f} MiB, the estimate says "
         f"{predicted / 2**20:.2f} MiB ({est.phase})"
     )
+
+
+def test_constants_the_simulation_shares_with_the_engine():
+    from qlora_studio.engine import trainer
+
+    assert E.LOSS_CHUNK_TOKENS == trainer.LOSS_CHUNK_TOKENS
