@@ -361,6 +361,8 @@ def describe(config: dict[str, Any], where: str | None = None) -> ModelInfo:
         notes.append("vision tower counted from vision_config (approximate); it does not run on text batches")
     softcap = cfg.get("final_logit_softcapping") if model_type in GEMMA_TYPES else None
     window = cfg.get("sliding_window") if isinstance(cfg.get("sliding_window"), int) else None
+    if cfg.get("use_sliding_window") is False:  # Qwen2 declares a window it does not use
+        window = None
 
     vision_q = sum(lin.params * lin.count for lin in vision_linears)
     unquantized = embedding + head + norm + bias + vision_other

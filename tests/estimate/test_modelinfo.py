@@ -157,6 +157,14 @@ def test_clear_errors(config, message):
         modelinfo.describe(config, where="config.json")
 
 
+def test_sliding_window_only_when_used():
+    mistral = {**LLAMA_1B, "model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 4096}
+    assert modelinfo.describe(mistral).sliding_window == 4096
+    qwen2 = {**LLAMA_1B, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "sliding_window": 4096,
+             "use_sliding_window": False}
+    assert modelinfo.describe(qwen2).sliding_window is None
+
+
 def test_unknown_llama_like_type_is_read_with_a_note():
     info = modelinfo.describe({**LLAMA_1B, "architectures": ["NovelForCausalLM"], "model_type": "novel"})
     assert info.param_count == modelinfo.describe(LLAMA_1B).param_count
