@@ -20,7 +20,8 @@ chunked loss, the fused LoRA layers) unless changed below.
     python bench/estimate_accuracy.py --dry-run            # the estimates only: no GPU, no torch
     python bench/estimate_accuracy.py --shapes 1b --seqs 512,1024 --batches 1,2 --checkpointing on --loss standard
 
-Writes bench/results/estimate-<date>-<commit>.json and .md (or into --results DIR).
+Writes bench/results/estimate-<date>-<commit>.json and .md (or into --results DIR; a run of one
+shape writes estimate-1b-... or estimate-8b-...).
 """
 
 from __future__ import annotations
@@ -371,7 +372,8 @@ def main() -> int:
     if args.results:
         _results.RESULTS = Path(args.results)
     settings = {k: v for k, v in vars(args).items() if k not in ("worker", "model", "points")}
-    _results.write_result("estimate", {"settings": settings, "gpu": gpu[0], "points": points}, md)
+    name = "estimate" if sorted(args.shapes) == ["1b", "8b"] else "estimate-" + "-".join(args.shapes)
+    _results.write_result(name, {"settings": settings, "gpu": gpu[0], "points": points}, md)
     measured = [p for p in points if isinstance(p.get("error"), float)]
     return 0 if measured and all(abs(p["error"]) <= GOAL for p in measured) else 1
 
