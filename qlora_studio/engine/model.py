@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,9 @@ def check_local_model(folder: Path, allow_pickle: bool, *, trust_remote_code: bo
         cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"config.json is not valid JSON ({exc})", where=str(cfg_file)) from None
+    except OSError as exc:
+        raise ModelError(f"cannot read config.json ({exc.strerror or exc})", where=str(cfg_file),
+                         fix="Check that the model's files are readable.") from None
     if not isinstance(cfg, dict):
         raise ModelError("config.json must hold a JSON object", where=str(cfg_file))
     safe = [p for pat in SAFE_WEIGHTS for p in folder.glob(pat)]
@@ -117,9 +121,12 @@ def check_shapes(config, shapes: dict[str, tuple[int, ...]], cfg_file: Path, tru
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception:  # noqa: BLE001 - an exotic model the loader may still handle: leave it to the loader
-        log.debug("could not build %s on the meta device to check its shapes", cfg_file, exc_info=True)
-        return
+    except Exception as exc:  # noqa: BLE001 - whatever the model's constructor raises, the loader would too
+        if trust_remote_code:  # the model's own code may not build on the meta device: leave it to the loader
+            log.debug("could not build %s on the meta device to check its shapes", cfg_file, exc_info=True)
+            return
+        raise ModelError(f"config.json describes a model that cannot be built ({type(exc).__name__}: {first_line(exc)})",
+                         where=str(cfg_file), fix="Download or copy the model's config.json again.") from None
     wrong = [(name, tuple(t.shape), shapes[name]) for name, t in model.state_dict().items()
              if name in shapes and tuple(t.shape) != shapes[name]]
     if wrong:
@@ -208,7 +215,7 @@ def load_tokenizer(source: str, cfg: RunConfig):
 
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - tokenizer files and the config.json it reads fail in many ways
         raise ModelError(f"cannot load the tokenizer ({first_line(exc)})", where=source, fix="The model folder needs its tokenizer files.") from None
     if tok.pad_token is None:
         # Padding is masked out of the loss and the attention; any existing token will do.
@@ -236,14 +243,18 @@ def quantization_config(cfg: RunConfig, dtype: torch.dtype):
     )
 
 
-def load_base(source: str, cfg: RunConfig, device: torch.device, dtype: torch.dtype, *, quantize: bool = True):
-    """The frozen base model: 4-bit NF4/FP4 through bitsandbytes, everything else in ``dtype``."""
+def load_base(source: str, cfg: RunConfig, device: torch.device, dtype: torch.dtype, *, quantize: bool = True,
+              check: bool = True):
+    """The frozen base model: 4-bit NF4/FP4 through bitsandbytes, everything else in ``dtype``.
+
+    ``check=False``: the caller has already run :func:`check_local_model` on a local folder.
+    """
     from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     local = Path(source).is_dir()
-    if local:
+    if local and check:
         check_local_model(Path(source), cfg.model.allow_pickle_weights, trust_remote_code=cfg.model.trust_remote_code)
     device_map = {"": device.index if device.type == "cuda" else "cpu"}
     kwargs: dict[str, Any] = dict(
@@ -262,7 +273,8 @@ def load_base(source: str, cfg: RunConfig, device: torch.device, dtype: torch.dt
         raise
     except torch.cuda.OutOfMemoryError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError, AttributeError, TypeError, SafetensorError, StrictDataclassError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, AttributeError, TypeError, SafetensorError, StrictDataclassError,
+            pickle.UnpicklingError, EOFError) as exc:  # the last two: a damaged .bin (allow_pickle_weights)
         msg = first_line(exc)
         fix = "Check that the folder holds a complete model whose config matches its weights."
         if "trust_remote_code" in msg:
@@ -331,8 +343,11 @@ def attach_lora(model, cfg: RunConfig):
 def load_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype, base_dir: Path | None = None):
     """Base (4-bit) + LoRA + tokenizer, ready to train. Returns ``(model, tokenizer, info)``."""
     source = resolve_source(cfg.model.name_or_path, base_dir)
+    if Path(source).is_dir():
+        # Before the tokenizer, which reads config.json too: a broken one is reported as such.
+        check_local_model(Path(source), cfg.model.allow_pickle_weights, trust_remote_code=cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(source, cfg)
-    base = load_base(source, cfg, device, dtype)
+    base = load_base(source, cfg, device, dtype, check=False)
     quantized = count_linear4bit(base)
     model, targets = attach_lora(base, cfg)
     lora_layers = sum(1 for _, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))

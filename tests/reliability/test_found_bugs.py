@@ -316,3 +316,46 @@ def test_a_blank_dataset_or_model_name_is_named_as_such(tmp_path):
         cfg = config.from_dict({"model": {"name_or_path": "m"}, "data": {"path": "d.jsonl"}, section: {key: " \t"}})
         with pytest.raises(ConfigError, match=f"{section}.{key} is empty"):
             cfg.require_complete("run.toml")
+
+
+@pytest.mark.parametrize("changes, message", [
+    # Each escaped from the tokenizer (which reads config.json first) or from the model's constructor.
+    ({"num_key_value_heads": 0}, "config.json describes a model that cannot be built (ZeroDivisionError"),
+    ({"vocab_size": 0}, "config.json describes a model that cannot be built (AssertionError: Padding_idx must be within num_embeddings"),
+    ({"num_attention_heads": 0}, "config.json is not a valid model configuration"),
+    ({"dtype": ""}, "config.json is not a valid model configuration"),
+])
+def test_load_model_reports_a_broken_config_json_before_the_tokenizer_reads_it(demo_template, tmp_path, changes, message):
+    import torch
+
+    from qlora_studio import config
+    from qlora_studio.engine.demo import demo_config
+    from qlora_studio.engine.model import load_model
+    from qlora_studio.errors import ModelError
+
+    folder = _model_copy(demo_template, tmp_path)
+    _edit_config(folder, **changes)
+    cfg = config.replace(demo_config(), model={"name_or_path": str(folder)})
+    with pytest.raises(ModelError) as info:
+        load_model(cfg, torch.device("cpu"), torch.bfloat16)
+    check_user_error(info.value)
+    assert info.value.where == str(folder / "config.json")
+    assert info.value.what.startswith(message), info.value.what
+
+
+def test_damaged_pickle_weights_allowed_by_the_person_are_a_model_error(demo_template, tmp_path):
+    """torch.load(weights_only=True) raised UnpicklingError, which the loader did not expect."""
+    import torch
+
+    from qlora_studio import config
+    from qlora_studio.engine.demo import demo_config
+    from qlora_studio.engine.model import load_base
+    from qlora_studio.errors import ModelError
+
+    folder = _model_copy(demo_template, tmp_path)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")  # not a pickle at all
+    cfg = config.replace(demo_config(), model={"name_or_path": str(folder), "allow_pickle_weights": True})
+    with pytest.raises(ModelError) as info:
+        load_base(str(folder), cfg, torch.device("cpu"), torch.bfloat16)
+    check_user_error(info.value)
+    assert info.value.what.startswith("cannot load the model (Weights only load failed")
