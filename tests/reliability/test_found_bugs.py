@@ -359,3 +359,30 @@ def test_damaged_pickle_weights_allowed_by_the_person_are_a_model_error(demo_tem
         load_base(str(folder), cfg, torch.device("cpu"), torch.bfloat16)
     check_user_error(info.value)
     assert info.value.what.startswith("cannot load the model (Weights only load failed")
+
+
+def test_parquet_files_are_read_without_log_lines_of_their_own(tmp_path, capfd):
+    """datasets' parquet reader logged "Failed to read schema ..." on standard error before the
+    command line's one error line (and copied every good file into its cache)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from qlora_studio.engine.data import load_records
+
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"\x00")
+    with pytest.raises(DataError) as info:
+        load_records(str(broken))
+    check_user_error(info.value)
+    assert info.value.what.startswith("cannot read the parquet file (Parquet file size is 1 bytes")
+    good = tmp_path / "chat.parquet"
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(5)]
+    pq.write_table(pa.Table.from_pylist(rows), good)
+    records = load_records(str(good))
+    assert [r.data for r in records] == rows and records[4].where == f"{good}, row 5"
+    assert [r.data for r in load_records(str(good), limit=2)] == rows[:2]
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.Table.from_pylist(rows).slice(0, 0), empty)
+    with pytest.raises(DataError, match="holds no examples"):
+        load_records(str(empty))
+    assert capfd.readouterr().err == ""
