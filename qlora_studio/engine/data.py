@@ -107,6 +107,11 @@ def _read_hub(spec: str, split: str, limit: int | None) -> list[formats.Record]:
 
 
 def detect(records: list[formats.Record], cfg: DataConfig, where: str) -> str:
+    """The dataset's format (``data.format``, or detected from the columns), once every record has
+    been checked in it: an empty field, a value of the wrong type or a conversation without an
+    assistant turn is reported here, with its line. The command line calls this before it creates
+    the run folder, so such a file is refused with one line and leaves nothing behind.
+    """
     keys: list[str] = []
     for r in records[:100]:
         for k in r.data:
@@ -114,8 +119,12 @@ def detect(records: list[formats.Record], cfg: DataConfig, where: str) -> str:
                 keys.append(k)
     if cfg.format != "auto":
         formats.check_columns(keys, cfg.format, cfg.columns, where)
-        return cfg.format
-    return formats.detect_format(keys, cfg.columns, where)
+        fmt = cfg.format
+    else:
+        fmt = formats.detect_format(keys, cfg.columns, where)
+    for record in records:
+        formats.record_segments(record.data, fmt, cfg.columns, record.where, eos="")
+    return fmt
 
 
 def chat_renderer(tokenizer):
@@ -155,8 +164,9 @@ def tokenize_segments(tokenizer, segments: list[formats.Segment]) -> tuple[list[
     return ids, labels
 
 
-def _segments(record: formats.Record, fmt: str, cfg: DataConfig, eos: str, render) -> list[formats.Segment]:
-    """A record's segments; a chat template that refuses the conversation is a DataError naming the record."""
+def record_segments(record: formats.Record, fmt: str, cfg: DataConfig, eos: str, render) -> list[formats.Segment]:
+    """A record's segments (``formats.record_segments``); a chat template that refuses the
+    conversation is a DataError naming the record rather than jinja2's TemplateError."""
     from jinja2.exceptions import TemplateError
 
     try:
@@ -179,7 +189,7 @@ def build_examples(
     truncated = dropped = 0
     lengths: list[int] = []
     for record in records:
-        segments = _segments(record, fmt, cfg, eos, render)
+        segments = record_segments(record, fmt, cfg, eos, render)
         ids, labels = tokenize_segments(tokenizer, segments)
         lengths.append(len(ids))
         if len(ids) > cfg.max_seq_len:

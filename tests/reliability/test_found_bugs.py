@@ -386,3 +386,18 @@ def test_parquet_files_are_read_without_log_lines_of_their_own(tmp_path, capfd):
     with pytest.raises(DataError, match="holds no examples"):
         load_records(str(empty))
     assert capfd.readouterr().err == ""
+
+
+def test_a_bad_record_is_refused_before_the_run_folder_exists(demo, tmp_path):
+    """Records were checked only while the worker tokenized them, inside a new run folder, so the
+    error came after the model had loaded, with log lines around it."""
+    from .fuzzkit import ERROR_PREFIX, cli
+
+    data = demo / "data.jsonl"
+    data.write_text('{"instruction": "q", "output": "a"}\n{"instruction": "q", "output": " "}\n')
+    run_dir = tmp_path / "run"
+    result = cli("train", demo / "config.toml", "--output", run_dir)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"{ERROR_PREFIX}{data}, line 2: field 'output' is empty. Remove the record or fill the field."]
+    assert not run_dir.exists()
