@@ -28,7 +28,7 @@ status=0
 for part in $parts; do
   start=$(date +%s)
   case $part in
-    tests) python3 -m pytest -m gpu tests/engine tests/monitor -v -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -40 ;;
+    tests) python3 -m pytest -m gpu tests/engine tests/monitor tests/estimate -v -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -40 ;;
     perf1b) python3 bench/perf_harness.py --shape 1b --contenders ${QS_CONTENDERS:-seed,engine,engine-peft-lora,engine-cupti,unsloth,engine-auto} --results "$out" ;;
     perf8b) python3 bench/perf_harness.py --shape 8b --results "$out" ;;
     estimate) python3 bench/estimate_accuracy.py ;;

@@ -334,8 +334,8 @@ def attach_lora(model, cfg: RunConfig):
 
         fuse_lora_layers(model)
     if cfg.train.gradient_checkpointing:
-        # Non-reentrant checkpointing needs no input that requires grad, so the frozen embeddings
-        # stay as they are (no enable_input_require_grads hook).
+        # Non-reentrant checkpointing. transformers also hooks the embeddings so their output
+        # requires grad (needed only by reentrant checkpointing); engine/estimate.py counts that.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, targets
 
