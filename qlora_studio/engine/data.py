@@ -1,7 +1,7 @@
 """Datasets: load records, render them (chat template or the default one), tokenize with masks.
 
 Local .jsonl/.json/.csv/.txt files are read by :mod:`qlora_studio.formats` (so errors can name the
-line); .parquet files and hub dataset ids go through ``datasets``. Each example becomes token ids
+line), .parquet files by pyarrow (naming the row), hub dataset ids through ``datasets``. Each example becomes token ids
 and labels, where prompt tokens carry the label -100 and only responses are learned.
 """
 
