@@ -81,8 +81,18 @@ def check_local_model(folder: Path, allow_pickle: bool, *, trust_remote_code: bo
         )
     check_causal(cfg, str(cfg_file))
     shapes = weight_shapes(folder) if safe else {}
-    if "auto_map" in cfg and not trust_remote_code:
-        return  # its configuration class is the model's own code, which only the loader may run
+    if "auto_map" in cfg:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        if trust_remote_code:
+            return  # its configuration class is the model's own code, which only the loader runs
+        if cfg.get("model_type") not in CONFIG_MAPPING_NAMES:
+            raise ModelError(
+                "the model is defined by its own code (config.json's auto_map), which runs only with your consent",
+                where=str(cfg_file),
+                fix="Read that code; if you trust it, allow it for this model with model.trust_remote_code = true.",
+            )
+        # A model type transformers implements itself: loaded with that implementation, no code of the model's.
     config = _model_config(folder, cfg_file, trust_remote_code)
     if shapes and "quantization_config" not in cfg:  # pre-quantized weights are packed: other shapes
         check_shapes(config, shapes, cfg_file, trust_remote_code)
@@ -277,7 +287,7 @@ def load_base(source: str, cfg: RunConfig, device: torch.device, dtype: torch.dt
             pickle.UnpicklingError, EOFError) as exc:  # the last two: a damaged .bin (allow_pickle_weights)
         msg = first_line(exc)
         fix = "Check that the folder holds a complete model whose config matches its weights."
-        if "trust_remote_code" in msg:
+        if "trust_remote_code" in str(exc):
             fix = "This model needs its own code; allow it for this model with model.trust_remote_code = true."
         raise ModelError(f"cannot load the model ({msg})", where=source, fix=fix) from None
     missing = sorted(loading.get("missing_keys") or [])

@@ -401,3 +401,21 @@ def test_a_bad_record_is_refused_before_the_run_folder_exists(demo, tmp_path):
     assert result.stderr.splitlines() == [
         f"{ERROR_PREFIX}{data}, line 2: field 'output' is empty. Remove the record or fill the field."]
     assert not run_dir.exists()
+
+
+def test_auto_map_needs_consent_only_for_model_types_transformers_lacks(demo_template, tmp_path):
+    """A model with its own code was refused deep in the loader with advice to check the weights; a
+    type transformers implements itself (Phi-3 and Qwen repositories carry an auto_map too) loads natively."""
+    from qlora_studio.engine.model import check_local_model
+    from qlora_studio.errors import ModelError
+
+    folder = _model_copy(demo_template, tmp_path)
+    _edit_config(folder, auto_map={"AutoModelForCausalLM": "modeling_x.XForCausalLM"})
+    check_local_model(folder, allow_pickle=False)  # model_type llama: transformers' own implementation
+    _edit_config(folder, model_type="x-custom")
+    with pytest.raises(ModelError) as info:
+        check_local_model(folder, allow_pickle=False)
+    check_user_error(info.value)
+    assert info.value.where == str(folder / "config.json")
+    assert "model.trust_remote_code = true" in info.value.fix
+    check_local_model(folder, allow_pickle=False, trust_remote_code=True)  # consent given: left to the loader
