@@ -140,16 +140,7 @@ def contender_seed(model_dir: Path, shape: str, steps: int) -> tuple[list[float]
     opt = bnb.optim.PagedAdamW32bit(params, lr=2e-4)
     model.train()
 
-    def step(b):
-        b = {k: v.to(dev) for k, v in b.items()}
-        loss = model(**b).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.3)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return _time_steps(step, shape, steps), {}
+    return _time_steps(_hf_step(model, params, opt, dev), shape, steps), {}
 
 
 def contender_engine(model_dir: Path, shape: str, steps: int, auto: bool = False, fused_lora: bool = True,
@@ -204,8 +195,15 @@ def contender_unsloth(model_dir: Path, shape: str, steps: int):
     opt = bnb.optim.PagedAdamW32bit(params, lr=2e-4)
     model.train()
 
+    return _time_steps(_hf_step(model, params, opt, "cuda"), shape, steps), {"gradient_checkpointing": "unsloth"}
+
+
+def _hf_step(model, params, opt, device):
+    """A step as the peers write it: the model's own loss (labels in the batch), clip, optimizer."""
+    import torch
+
     def step(b):
-        b = {k: v.cuda() for k, v in b.items()}
+        b = {k: v.to(device) for k, v in b.items()}
         loss = model(**b).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
@@ -213,7 +211,7 @@ def contender_unsloth(model_dir: Path, shape: str, steps: int):
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return _time_steps(step, shape, steps), {"gradient_checkpointing": "unsloth"}
+    return step
 
 
 def _time_steps(step, shape: str, steps: int):
