@@ -5,8 +5,14 @@ so that a crash in native code cannot take the window down and all GPU memory is
 run ends. This thread reads the worker's standard output line by line; each event line becomes an
 ``event`` signal, anything else and the worker's standard error become ``log_line`` signals.
 
-Closing the window during a run can also *detach*: the thread lets go and the worker trains on by
-itself (its standard input closes, which the worker ignores; its events still go to the run folder).
+The worker must outlive the window: closing it can *detach* (the thread lets go and the worker
+trains on by itself), and a crashed window must not take the run with it. So the worker runs in its
+own process group (no signal meant for the window reaches it), a closed standard input means
+nothing to it, a broken standard-output pipe only ends the echo of its events (they still go to
+``RUN_DIR/events.jsonl``), and its standard error goes to a file that this thread follows rather
+than to a pipe: a pipe would break with the window, and the worker's last message ("Finished: …")
+would then fail the run it had just completed. A later window re-attaches through the run folder
+(:mod:`qlora_studio.gui.follower`).
 
 Stop follows the worker contract: a line ``stop`` on the worker's standard input and a file
 ``RUN_DIR/STOP`` (either is enough; both cover a worker that is busy or not reading its input).
@@ -23,11 +29,12 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from PySide6.QtCore import QObject, QThread, Signal
 
@@ -37,6 +44,7 @@ from . import jobs
 
 DEFAULT_GRACE_S = 60.0
 PIPE_DRAIN_S = 2.0  # after the worker exits, how long to wait for its pipes to close
+STDERR_POLL_S = 0.1  # how often the worker's standard-error file is read for new lines
 
 EXIT_FINISHED, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 
@@ -73,6 +81,54 @@ def _pump(name: str, stream: Any, lines: queue.Queue[tuple[str, str | None]]) ->
     lines.put((name, None))
 
 
+def _follow_file(fh: BinaryIO, done: threading.Event, lines: queue.Queue[tuple[str, str | None]]) -> None:
+    """Copy the lines written to a file into the queue until ``done`` is set and nothing is left to
+    read; ``None`` marks the end. A line still being written waits for its newline."""
+    partial = b""
+    try:
+        with fh:
+            while True:
+                finished = done.is_set()  # read once more after the writer has gone
+                chunk = fh.read(65536)
+                if chunk:
+                    *complete, partial = (partial + chunk).split(b"\n")
+                    for raw in complete:
+                        line = raw.decode("utf-8", "replace").rstrip("\r")
+                        if line.strip():
+                            lines.put(("err", line))
+                    continue
+                if finished:
+                    break
+                done.wait(STDERR_POLL_S)
+    except OSError:
+        pass
+    if partial.strip():
+        lines.put(("err", partial.decode("utf-8", "replace")))
+    lines.put(("err", None))
+
+
+def finished_message(terminal: dict[str, Any] | None) -> str:
+    adapter = (terminal or {}).get("adapter")
+    return "Training finished." + (f" Adapter: {adapter}" if adapter else "")
+
+
+def stopped_message(terminal: dict[str, Any] | None) -> str:
+    info = terminal or {}
+    at = f" at step {info['step']}" if info.get("step") is not None else ""
+    ckpt = info.get("checkpoint")
+    saved = f"; checkpoint saved: {ckpt}" if ckpt else ""
+    return f"Stopped gracefully{at}{saved}."
+
+
+def killed_after_grace_message(grace_s: float, run_dir: Path) -> str:
+    ckpt = runs.latest_checkpoint(run_dir)
+    kept = f" The last checkpoint ({ckpt.name}) is kept." if ckpt else " No checkpoint had been written."
+    return f"The worker did not stop within the {grace_s:g} s grace period and was killed.{kept}"
+
+
+KILLED_ON_REQUEST = "The worker was killed on request."
+
+
 def worker_command(config_path: Path | None, run_dir: Path, *, resume: bool = False, max_steps: int | None = None) -> list[str]:
     """The worker's argument list, per the contract in docs/architecture.md."""
     argv = [sys.executable, "-m", "qlora_studio", "train"]
@@ -103,11 +159,13 @@ class Supervisor(QThread):
         *,
         grace_s: float = DEFAULT_GRACE_S,
         env: dict[str, str] | None = None,
+        stderr_dir: Path | None = None,
         parent: QObject | None = None,
     ):
         super().__init__(parent)
         self.argv = list(argv)
         self.run_dir = Path(run_dir)
+        self.stderr_dir = Path(stderr_dir) if stderr_dir is not None else Path(tempfile.gettempdir())
         self.grace_s = float(grace_s)
         self.env = jobs.python_env(env)
         self._proc: subprocess.Popen[str] | None = None
@@ -162,24 +220,8 @@ class Supervisor(QThread):
     # ------------------------------------------------------------------ the thread
 
     def run(self) -> None:
-        popen_kwargs: dict[str, Any] = {}
-        if os.name == "posix":
-            popen_kwargs["start_new_session"] = True  # its own process group: one kill ends it all
-        else:
-            popen_kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
         try:
-            proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                encoding="utf-8",
-                errors="replace",
-                bufsize=1,
-                env=self.env,
-                **popen_kwargs,
-            )
+            proc, stderr_path, stderr_source = self._start_worker()
         except OSError as exc:
             self.run_ended.emit(
                 RunResult(Outcome.CRASHED, None, self.run_dir, f"Could not start the training worker: {exc}")
@@ -189,29 +231,34 @@ class Supervisor(QThread):
             self._proc = proc
         self.worker_started.emit(proc.pid)
 
-        # One daemon thread per pipe feeds a queue, so this loop can also notice a detach request
-        # and a chatty standard error can never block the worker on a full pipe.
+        # One daemon thread per stream feeds a queue, so this loop can also notice a detach request
+        # and a chatty standard error can never block the worker.
         lines: queue.Queue[tuple[str, str | None]] = queue.Queue()
-        for name, stream in (("out", proc.stdout), ("err", proc.stderr)):
-            threading.Thread(target=_pump, args=(name, stream, lines), daemon=True, name=f"worker-{name}").start()
+        stderr_done = threading.Event()
+        threading.Thread(target=_pump, args=("out", proc.stdout, lines), daemon=True, name="worker-out").start()
+        threading.Thread(target=_follow_file, args=(stderr_source, stderr_done, lines), daemon=True,
+                         name="worker-err").start()
+        if os.name == "posix":
+            self._remove(stderr_path)  # both ends hold it open; nothing is left behind, even by a crash
 
         terminal: dict[str, Any] | None = None
         failure: dict[str, Any] | None = None
-        open_pipes = 2
+        open_streams = 2
         exited_at: float | None = None
-        while open_pipes and not self._detached:
+        while open_streams and not self._detached:
             try:
                 name, line = lines.get(timeout=0.25)
             except queue.Empty:
-                # A grandchild that inherited the pipes could hold them open after the worker
-                # exits; do not wait for it for ever.
                 if proc.poll() is not None:
+                    stderr_done.set()  # the file has all it will get
+                    # A grandchild that inherited the stdout pipe could hold it open after the
+                    # worker exits; do not wait for it for ever.
                     exited_at = exited_at or time.monotonic()
                     if time.monotonic() - exited_at > PIPE_DRAIN_S:
                         break
                 continue
             if line is None:
-                open_pipes -= 1
+                open_streams -= 1
                 continue
             if name == "err":
                 self._stderr_tail = (self._stderr_tail + [line])[-20:]
@@ -226,15 +273,18 @@ class Supervisor(QThread):
                 if event["type"] == "failed":
                     failure = event
             self.event.emit(event)
+        stderr_done.set()
 
         if self._detached:
             # The worker trains on without us: its events still go to RUN_DIR/events.jsonl.
             with self._lock:
                 if self._grace_timer is not None:
                     self._grace_timer.cancel()
+            self._remove(stderr_path)
             self.run_ended.emit(RunResult(
                 Outcome.DETACHED, None, self.run_dir,
-                f"Training continues in the background (process {proc.pid}); the Runs page lists it.",
+                f"Training continues in the background (process {proc.pid}); "
+                "the window follows it when it opens again.",
             ))
             return
 
@@ -242,12 +292,13 @@ class Supervisor(QThread):
         with self._lock:
             if self._grace_timer is not None:
                 self._grace_timer.cancel()
-            for stream in (proc.stdin, proc.stdout, proc.stderr):
+            for stream in (proc.stdin, proc.stdout):
                 try:
                     if stream is not None:
                         stream.close()
                 except OSError:
                     pass
+        self._remove(stderr_path)
         self._remove_stale_stop_file()
         self.run_ended.emit(self._result(exit_code, terminal, failure))
 
@@ -280,6 +331,48 @@ class Supervisor(QThread):
             except (ProcessLookupError, PermissionError):
                 pass
 
+    def _start_worker(self) -> tuple[subprocess.Popen[str], Path, BinaryIO]:
+        """Start the worker in its own process group, its standard error going to a fresh file (see
+        the module docstring for why not a pipe); returns it, the file, and the file open for reading."""
+        popen_kwargs: dict[str, Any] = {}
+        if os.name == "posix":
+            popen_kwargs["start_new_session"] = True  # its own process group: one kill ends it all
+        else:
+            popen_kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
+        self.stderr_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f"{self.run_dir.name}-", suffix=".stderr", dir=self.stderr_dir)
+        os.close(fd)
+        path = Path(name)
+        source = None
+        try:
+            source = open(path, "rb")  # noqa: SIM115 - the reading thread closes it
+            with open(path, "ab") as sink:  # the worker gets its own copy of this handle
+                proc = subprocess.Popen(
+                    self.argv,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=sink,
+                    text=True,
+                    encoding="utf-8",
+                    errors="replace",
+                    bufsize=1,
+                    env=self.env,
+                    **popen_kwargs,
+                )
+        except OSError:
+            if source is not None:
+                source.close()
+            self._remove(path)
+            raise
+        return proc, path, source
+
+    @staticmethod
+    def _remove(path: Path) -> None:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass  # Windows, while the worker still holds it open: a small file stays behind
+
     def _remove_stale_stop_file(self) -> None:
         """A STOP file the worker never honoured (it was killed) would stop a resumed run at once."""
         try:
@@ -289,27 +382,16 @@ class Supervisor(QThread):
 
     def _result(self, code: int, terminal: dict[str, Any] | None, failure: dict[str, Any] | None) -> RunResult:
         tail = list(self._stderr_tail)
-        common = dict(exit_code=code, run_dir=self.run_dir, failure=failure, last_event=terminal, stderr_tail=tail)
+        common: dict[str, Any] = {"exit_code": code, "run_dir": self.run_dir, "failure": failure,
+                                  "last_event": terminal, "stderr_tail": tail}
         if self._killed_by == "grace":
-            ckpt = runs.latest_checkpoint(self.run_dir)
-            kept = f" The last checkpoint ({ckpt.name}) is kept." if ckpt else " No checkpoint had been written."
-            return RunResult(
-                Outcome.KILLED,
-                message=f"The worker did not stop within the {self.grace_s:g} s grace period and was killed.{kept}",
-                **common,
-            )
+            return RunResult(Outcome.KILLED, message=killed_after_grace_message(self.grace_s, self.run_dir), **common)
         if self._killed_by == "user":
-            return RunResult(Outcome.KILLED, message="The worker was killed on request.", **common)
+            return RunResult(Outcome.KILLED, message=KILLED_ON_REQUEST, **common)
         if code == EXIT_FINISHED:
-            adapter = (terminal or {}).get("adapter")
-            where = f" Adapter: {adapter}" if adapter else ""
-            return RunResult(Outcome.FINISHED, message=f"Training finished.{where}", **common)
+            return RunResult(Outcome.FINISHED, message=finished_message(terminal), **common)
         if code == EXIT_STOPPED:
-            info = terminal or {}
-            ckpt = info.get("checkpoint")
-            at = f" at step {info['step']}" if info.get("step") is not None else ""
-            saved = f"; checkpoint saved: {ckpt}" if ckpt else ""
-            return RunResult(Outcome.STOPPED, message=f"Stopped gracefully{at}{saved}.", **common)
+            return RunResult(Outcome.STOPPED, message=stopped_message(terminal), **common)
         if code in (EXIT_BAD_INPUT, EXIT_INTERNAL):
             if failure is not None:
                 message = str(failure.get("message") or "The run failed.")
