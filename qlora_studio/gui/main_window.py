@@ -1,4 +1,4 @@
-"""The main window: six pages, the menus, the settings it remembers, and the run's life cycle.
+"""The main window: seven pages, the menus, the settings it remembers, and the run's life cycle.
 
 The pages edit parts of one :class:`~qlora_studio.config.RunConfig`; :meth:`MainWindow.collect_config`
 assembles it over the last loaded configuration, so keys no page shows survive a save/load round
@@ -35,6 +35,7 @@ from .jobs import FunctionJob
 from .pages.dataset_page import DatasetPage
 from .pages.export_page import ExportPage
 from .pages.model_page import ModelPage
+from .pages.playground_page import PlaygroundPage
 from .pages.runs_page import RunsPage
 from .pages.training_page import TrainingPage
 from .run_control import RunControl
@@ -46,7 +47,8 @@ except ImportError:  # pragma: no cover - depends on what is installed
     MonitorPage = None  # type: ignore[assignment,misc]
 
 CONFIG_FILTER = "Run configuration (*.toml);;All files (*)"
-PAGE_TITLES = ("Model", "Dataset", "Training", "GPU Monitor", "Export", "Runs")  # Ctrl+1 … Ctrl+6
+PAGE_TITLES = ("Model", "Dataset", "Training", "GPU Monitor", "Export", "Playground", "Runs")  # Ctrl+1 … Ctrl+7
+PAGE_NAMES = ("modelPage", "datasetPage", "trainingPage", "monitorPage", "exportPage", "playgroundPage", "runsPage")
 
 
 def demo_config(demo_dir: Path) -> cfgmod.RunConfig:
@@ -125,14 +127,15 @@ class MainWindow(QMainWindow):
         else:
             self.monitor_page = QWidget()
             QVBoxLayout(self.monitor_page).addWidget(QLabel("The GPU monitor is not part of this build."))
-        self.export_page = ExportPage(self.state.runs_dir)
+        self.export_page = ExportPage(runs_dir=self.state.runs_dir)  # lists the runs when first shown
+        self.playground_page = PlaygroundPage()
         self.runs_page = RunsPage(self.state.runs_dir)
         self.tabs = QTabWidget()
         self.tabs.setObjectName("pages")
         self.tabs.setDocumentMode(True)
-        pages = (self.model_page, self.dataset_page, self.training_page, self.monitor_page, self.export_page, self.runs_page)
-        names = ("modelPage", "datasetPage", "trainingPage", "monitorPage", "exportPage", "runsPage")
-        for page, title, name in zip(pages, PAGE_TITLES, names, strict=True):
+        pages = (self.model_page, self.dataset_page, self.training_page, self.monitor_page, self.export_page,
+                 self.playground_page, self.runs_page)
+        for page, title, name in zip(pages, PAGE_TITLES, PAGE_NAMES, strict=True):
             page.setObjectName(name)
             index = self.tabs.addTab(page, title)
             self.tabs.setTabToolTip(index, f"{title} (Ctrl+{index + 1})")
@@ -191,6 +194,11 @@ class MainWindow(QMainWindow):
         self.dataset_page.source_committed.connect(lambda text: self._remember("datasets", text))
         self.runs_page.resume_requested.connect(self.resume_run)
         self.runs_page.listed.connect(self._update_resume)
+        self.runs_page.run_selected.connect(self._run_selected)
+        bar = self.statusBar()
+        self.playground_page.failed.connect(lambda message: bar.showMessage(f"Playground: {message}", 15000))
+        self.export_page.exported.connect(lambda out: bar.showMessage(f"Exported to {out}", 15000))
+        self.export_page.failed.connect(lambda message: bar.showMessage(message, 15000))
 
         self.run.started.connect(self._run_started)
         self.run.event.connect(self._on_event)
@@ -231,7 +239,8 @@ class MainWindow(QMainWindow):
         if cfg is None:
             cfg = presets.apply(demo_config(self.state.demo_dir), "Quick demo")
         self.apply_config(cfg)
-        self.tabs.setCurrentIndex(int(s.get("window/page", 2, int)))
+        page = self.findChild(QWidget, str(s.get("window/page_name", "trainingPage", str)))
+        self.tabs.setCurrentWidget(page if page is not None and self.tabs.indexOf(page) >= 0 else self.training_page)
 
     def save_settings(self) -> None:
         s = self.state
@@ -239,7 +248,7 @@ class MainWindow(QMainWindow):
         s.set_geometry("state", self.saveState())
         for i, splitter in enumerate(self.training_page.splitters):
             s.set_geometry(f"training_splitter_{i}", splitter.saveState())
-        s.set("window/page", self.tabs.currentIndex())
+        s.set("window/page_name", self.tabs.currentWidget().objectName())  # by name: pages may be added
         s.set("run/stop_grace_s", self.training_page.grace.value())
         try:
             s.set_last_config_toml(self.collect_config().to_toml())
@@ -466,6 +475,10 @@ class MainWindow(QMainWindow):
         if target is not None:
             self.resume_run(target)
 
+    def _run_selected(self, run_dir: Path) -> None:
+        self.playground_page.set_run(run_dir)
+        self.export_page.set_run(run_dir)
+
     def _run_started(self, run_dir: Path, description: str) -> None:
         self.training_page.begin_run(description)
         self.training_page.set_running(True)
@@ -502,8 +515,9 @@ class MainWindow(QMainWindow):
         self.training_page.set_running(False)
         self.runs_page.set_active_run(None)
         self.runs_page.refresh()
-        if self.export_page.isVisible():
-            self.export_page.refresh(select=result.run_dir)
+        if runs.latest_checkpoint(result.run_dir) is not None or (result.run_dir / runs.ADAPTER).is_dir():
+            self.playground_page.set_run(result.run_dir)  # try what it learned
+            self.export_page.set_run(result.run_dir)
         self.statusBar().showMessage(result.message, 15000)
         self._update_resume()
         if self._close_when_done:
@@ -588,9 +602,10 @@ class MainWindow(QMainWindow):
         self.model_page.shutdown()
         self.dataset_page.shutdown()
         self.runs_page.shutdown()
-        for page in (self.monitor_page, self.export_page):
-            shutdown = getattr(page, "shutdown", None)
-            if shutdown is not None:
-                shutdown()  # the monitor's NVML sampler thread, a running export
+        self.playground_page.shutdown()  # its generation worker process
+        self.export_page.shutdown()  # a running export (its partial folder is removed)
+        shutdown = getattr(self.monitor_page, "shutdown", None)
+        if shutdown is not None:
+            shutdown()  # the NVML sampler thread
         jobs.shutdown_jobs()
         event.accept()

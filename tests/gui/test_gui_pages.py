@@ -7,33 +7,9 @@ import json
 import pyqtgraph as pg
 from PySide6.QtWidgets import QLabel, QSpinBox, QTableWidget
 
-from qlora_studio import events as ev
-from qlora_studio import runs
 from qlora_studio.gui.pages.dataset_page import LEARNED_STYLE, MASKED_STYLE
 
-
-def write_run(runs_dir, name: str, status: str, losses: list[float], *, checkpoint_step: int | None = None):
-    """A run folder as the worker leaves it (events.jsonl, optionally a checkpoint)."""
-    run_dir = runs_dir / name
-    run_dir.mkdir(parents=True)
-    writer = ev.EventWriter(run_dir / runs.EVENTS)
-    config = {"model": {"name_or_path": "/m/tiny"}, "data": {"path": "/d/qa.jsonl"}}
-    writer.emit("run_started", run_dir=str(run_dir), config=config, model={}, device={}, versions={}, plan={"max_steps": 100})
-    for step, loss in enumerate(losses, start=1):
-        writer.emit("step", step=step, loss=loss, lr=1e-3, tokens_per_s=1000.0)
-    if checkpoint_step is not None:
-        ckpt = run_dir / runs.CHECKPOINTS / runs.checkpoint_name(checkpoint_step)
-        (ckpt / "adapter").mkdir(parents=True)
-        (ckpt / runs.STATE).write_text(json.dumps({"step": checkpoint_step}))
-    if status == "stopped":
-        writer.emit("stopped", step=len(losses), checkpoint="x", reason="stop requested")
-    elif status == "finished":
-        (run_dir / runs.ADAPTER).mkdir()
-        (run_dir / runs.ADAPTER / "adapter_model.safetensors").write_bytes(b"\0" * 2048)
-        writer.emit("finished", step=len(losses), adapter=str(run_dir / runs.ADAPTER), train_loss=losses[-1],
-                    eval_loss=None, tokens=1, duration_s=1.0)
-    writer.close()
-    return run_dir
+from .helpers import write_run
 
 
 def test_dataset_preview_masks_the_prompt_and_histogram_counts_truncation(window, qtbot):

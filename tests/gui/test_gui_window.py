@@ -8,33 +8,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyqtgraph as pg
-from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QProgressBar, QPushButton, QSpinBox, QTableWidget
+from PySide6.QtGui import QKeySequence
+from PySide6.QtWidgets import (
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTabWidget,
+)
 
 from qlora_studio import runs
 from qlora_studio.gui.supervisor import Outcome
 
+from .helpers import click, loss_points, runs_table_status, write_run
+
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "datasets")
-
-
-def loss_points(window) -> int:
-    plot = window.findChild(pg.PlotWidget, "lossPlot")
-    raw = plot.getPlotItem().listDataItems()[0]
-    x, _ = raw.getData()
-    return 0 if x is None else len(x)
-
-
-def click(qtbot, window, name: str) -> None:
-    button = window.findChild(QPushButton, name)
-    assert button is not None and button.isEnabled(), f"{name} is not clickable"
-    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
-
-
-def runs_table_status(window) -> dict[str, str]:
-    table = window.findChild(QTableWidget, "runsTable")
-    return {table.item(r, 1).text(): table.item(r, 0).text() for r in range(table.rowCount())}
 
 
 # Runs the app as `qlora-studio` does (the command line's default sub-command), reports once the
@@ -70,6 +59,43 @@ def test_the_app_starts_without_torch(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     answer = json.loads(out.stdout.strip().splitlines()[-1])
     assert answer == {"title": "QLoRA Studio", "visible": True, "heavy": []}
+
+
+def test_seven_pages_in_order_with_stable_names_and_shortcuts(window, qtbot):
+    tabs = window.findChild(QTabWidget, "pages")
+    pages = [(tabs.tabText(i), tabs.widget(i).objectName()) for i in range(tabs.count())]
+    assert pages == [("Model", "modelPage"), ("Dataset", "datasetPage"), ("Training", "trainingPage"),
+                     ("GPU Monitor", "monitorPage"), ("Export", "exportPage"), ("Playground", "playgroundPage"),
+                     ("Runs", "runsPage")]
+    for i in range(tabs.count()):
+        shortcut = QKeySequence(f"Ctrl+{i + 1}")
+        action = next(a for a in window.actions() if a.shortcut() == shortcut)
+        action.trigger()
+        assert tabs.currentIndex() == i
+
+
+def test_a_run_chosen_on_the_runs_page_goes_to_the_playground_and_export(window, qtbot):
+    finished = write_run(window.state.runs_dir, "a-finished", "finished", [3.0, 2.0, 1.0])
+    write_run(window.state.runs_dir, "b-stopped", "stopped", [4.0, 3.5], checkpoint_step=2)
+    window.tabs.setCurrentWidget(window.runs_page)
+    table = window.findChild(QTableWidget, "runsTable")
+    qtbot.waitUntil(lambda: table.rowCount() == 2, timeout=10_000)
+    window.runs_page.select_run(finished)
+    assert window.playground_page.run_dir == finished
+    assert window.export_page.current_run() == finished
+    assert window.playground_page.checkpoint_combo.currentText() == "final adapter"
+
+
+def test_closing_the_window_ends_the_playground_worker(make_window, qtbot):
+    window = make_window()
+    run_dir = write_run(window.state.runs_dir, "finished", "finished", [2.0, 1.0])
+    window.playground_page.set_run(run_dir)
+    window.tabs.setCurrentWidget(window.playground_page)  # showing it starts its worker (loading torch)
+    worker = window.playground_page.worker
+    assert worker is not None and worker.isRunning()
+    window.close()
+    assert not worker.isRunning()  # the window's shutdown ended it; the no-leftovers check agrees
+    assert window.playground_page.worker is None
 
 
 def test_demo_is_preselected_on_first_launch(window, app_home):

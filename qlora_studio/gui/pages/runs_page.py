@@ -66,6 +66,7 @@ class RunChartsWindow(QWidget):
 class RunsPage(QWidget):
     resume_requested = Signal(object)  # Path of the run folder
     run_deleted = Signal(object)
+    run_selected = Signal(object)  # Path: one run was chosen (the Playground and Export pages follow)
     listed = Signal()  # a (background) listing has refreshed ``summaries``
 
     def __init__(self, runs_dir: Path, parent: QWidget | None = None):
@@ -76,6 +77,7 @@ class RunsPage(QWidget):
         self._job: FunctionJob | None = None
         self._again = False
         self._chart_windows: list[RunChartsWindow] = []
+        self._chosen: Path | None = None  # the one selected run last announced by run_selected
 
         self.folder_label = QLabel()
         self.folder_label.setObjectName("runsFolder")
@@ -220,6 +222,9 @@ class RunsPage(QWidget):
     def _selection_changed(self) -> None:
         chosen = self.selected()
         one = chosen[0] if len(chosen) == 1 else None
+        if one is not None and one.path != self._chosen:
+            self.run_selected.emit(one.path)
+        self._chosen = one.path if one is not None else None
         self.charts_button.setEnabled(one is not None)
         self.folder_button.setEnabled(one is not None)
         self.resume_button.setEnabled(one is not None and one.resumable and self.active_run is None)
