@@ -5,7 +5,9 @@ assembles it over the last loaded configuration, so keys no page shows survive a
 trip. Runs go through :class:`~qlora_studio.gui.run_control.RunControl` (a worker process).
 
 On first launch the demo (tiny model, sample data) is preselected and created in the background;
-pressing Start before it is ready starts the run as soon as it is.
+pressing Start before it is ready starts the run as soon as it is. A run that trains without a
+window (left in the background, outliving a crashed window, or started from the command line) is
+followed on the Training page as soon as the Runs page's listing finds it.
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ class MainWindow(QMainWindow):
         self.last_result: RunResult | None = None
         self._start_when_demo_ready = False
         self._close_when_done = False
+        self._first_listing = True  # a run found training at start-up gets the Training page shown
         self._applying = False
         self._model_info: Any = None
         self._gpu: vram.GpuMemory | None = None
@@ -194,6 +197,7 @@ class MainWindow(QMainWindow):
         self.dataset_page.source_committed.connect(lambda text: self._remember("datasets", text))
         self.runs_page.resume_requested.connect(self.resume_run)
         self.runs_page.listed.connect(self._update_resume)
+        self.runs_page.listed.connect(self._attach_to_running)
         self.runs_page.run_selected.connect(self._run_selected)
         bar = self.statusBar()
         self.playground_page.failed.connect(lambda message: bar.showMessage(f"Playground: {message}", 15000))
@@ -475,6 +479,22 @@ class MainWindow(QMainWindow):
         if target is not None:
             self.resume_run(target)
 
+    def _attach_to_running(self) -> None:
+        """Follow a run of the runs folder that trains without a window (the newest, if several).
+
+        Its worker may still be loading the model (no ``run_started`` event yet: status "created"),
+        so the pid file decides (:func:`~qlora_studio.gui.follower.find_worker`).
+        """
+        first, self._first_listing = self._first_listing, False
+        if self.run.running or self._start_when_demo_ready or self._close_when_done:
+            return
+        for summary in self.runs_page.summaries:
+            if summary.status in ("running", "created") and self.run.attach(summary.path):
+                if first:
+                    self.tabs.setCurrentWidget(self.training_page)
+                self.statusBar().showMessage(f"Following {summary.path.name}, which trains without a window.", 15000)
+                return
+
     def _run_selected(self, run_dir: Path) -> None:
         self.playground_page.set_run(run_dir)
         self.export_page.set_run(run_dir)
@@ -486,7 +506,8 @@ class MainWindow(QMainWindow):
         reset = getattr(self.monitor_page, "reset", None)
         if reset is not None:
             reset()
-        self.tabs.setCurrentWidget(self.training_page)
+        if not self.run.attached:  # a run found by a listing does not take the page from the person
+            self.tabs.setCurrentWidget(self.training_page)
         self._update_resume()
 
     def _on_event(self, event: dict[str, Any]) -> None:
@@ -573,8 +594,8 @@ class MainWindow(QMainWindow):
         background = box.addButton("Keep training in the background", QMessageBox.ButtonRole.DestructiveRole)
         box.addButton(QMessageBox.StandardButton.Cancel)
         box.setDefaultButton(stop)
-        box.setInformativeText("A run kept in the background goes on without the window; "
-                               "the Runs page shows it, and can stop it, next time.")
+        box.setInformativeText("A run kept in the background goes on without the window; when the window "
+                               "opens again, the Training page follows it and can stop it.")
         box.exec()
         clicked = box.clickedButton()
         return "stop" if clicked is stop else "background" if clicked is background else "cancel"

@@ -1,8 +1,10 @@
-"""Starting, stopping and resuming runs: the window's one link to the training worker.
+"""Starting, stopping, resuming and re-attaching runs: the window's one link to the training worker.
 
 It turns a :class:`~qlora_studio.config.RunConfig` into a worker command (the configuration is
 staged as a TOML file with absolute paths, the run gets a fresh folder) and relays the
-:class:`~qlora_studio.gui.supervisor.Supervisor`'s signals. One run at a time.
+:class:`~qlora_studio.gui.supervisor.Supervisor`'s signals. A run that trains without a window is
+followed instead (:meth:`RunControl.attach`, a :class:`~qlora_studio.gui.follower.RunFollower`) with
+the same signals, so the window shows and stops both alike. One run at a time.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from pathlib import Path
 from PySide6.QtCore import QObject, Signal
 
 from .. import config as cfgmod
-from .. import formats
-from .supervisor import DEFAULT_GRACE_S, RunResult, Supervisor, worker_command
+from .. import formats, runs
+from .follower import RunFollower, find_worker
+from .supervisor import DEFAULT_GRACE_S, Outcome, RunResult, Supervisor, worker_command
 
 
 def absolute_paths(cfg: cfgmod.RunConfig) -> cfgmod.RunConfig:
@@ -58,17 +61,23 @@ class RunControl(QObject):
         super().__init__(parent)
         self.staging_dir = Path(staging_dir)
         self.grace_s = DEFAULT_GRACE_S
-        self.supervisor: Supervisor | None = None
+        # The thread watching the run in progress: a worker this window started, or one it found.
+        self.watcher: Supervisor | RunFollower | None = None
         self.run_dir: Path | None = None
         self._staged: Path | None = None
 
     @property
     def running(self) -> bool:
-        return self.supervisor is not None
+        return self.watcher is not None
+
+    @property
+    def attached(self) -> bool:
+        """The run in progress is one this window follows rather than started."""
+        return isinstance(self.watcher, RunFollower)
 
     @property
     def stopping(self) -> bool:
-        return self.supervisor is not None and self.supervisor.stop_requested
+        return self.watcher is not None and self.watcher.stop_requested
 
     def start_new(self, cfg: cfgmod.RunConfig, runs_dir: Path, max_steps: int | None = None) -> Path:
         """Stage ``cfg`` and start a worker on it; returns the new run folder."""
@@ -90,42 +99,72 @@ class RunControl(QObject):
 
     def start_command(self, argv: list[str], run_dir: Path, description: str) -> None:
         """Run any worker command line under a supervisor (the two above, or a test's)."""
-        if self.supervisor is not None:
+        if self.watcher is not None:
             raise RuntimeError("a run is already in progress")
-        sup = Supervisor(argv, run_dir, grace_s=self.grace_s, parent=self)
+        sup = Supervisor(argv, run_dir, grace_s=self.grace_s, stderr_dir=self.staging_dir, parent=self)
         sup.event.connect(self.event)
         sup.log_line.connect(self.log_line)
         sup.worker_started.connect(self.worker_pid)
         sup.stop_escalated.connect(self.escalated)
         sup.run_ended.connect(self._ended)
-        self.supervisor = sup
+        self.watcher = sup
         self.run_dir = Path(run_dir)
         self.started.emit(self.run_dir, description)
         sup.start()
 
+    def attach(self, run_dir: Path) -> bool:
+        """Follow a run whose worker trains without a window; False if it has no live worker."""
+        if self.watcher is not None:
+            return False
+        worker = find_worker(Path(run_dir))
+        if worker is None:
+            return False
+        follower = RunFollower(run_dir, worker, grace_s=self.grace_s, parent=self)
+        follower.events.connect(self._relay)
+        follower.worker_started.connect(self.worker_pid)
+        follower.stop_escalated.connect(self.escalated)
+        follower.run_ended.connect(self._ended)
+        self.watcher = follower
+        self.run_dir = Path(run_dir)
+        self.started.emit(self.run_dir, f"Following {self.run_dir.name}: it trains in process {worker.pid}, "
+                                        "started outside this window.")
+        follower.start()
+        return True
+
+    def _relay(self, batch: list[dict]) -> None:
+        follower = self.sender()
+        if follower is self.watcher:  # not a late list from a follower already let go
+            for event in batch:
+                self.event.emit(event)
+        if isinstance(follower, RunFollower):
+            follower.consumed()
+
     def stop(self) -> bool:
-        return self.supervisor.request_stop() if self.supervisor is not None else False
+        return self.watcher.request_stop() if self.watcher is not None else False
 
     def kill(self) -> None:
-        if self.supervisor is not None:
-            self.supervisor.kill()
+        if self.watcher is not None:
+            self.watcher.kill()
 
     def detach(self) -> None:
-        if self.supervisor is not None:
-            self.supervisor.detach()
+        if self.watcher is not None:
+            self.watcher.detach()
 
     def wait(self, msecs: int) -> bool:
-        """Block until the supervisor thread ends (used while the window closes)."""
-        return self.supervisor.wait(msecs) if self.supervisor is not None else True
+        """Block until the watching thread ends (used while the window closes)."""
+        return self.watcher.wait(msecs) if self.watcher is not None else True
 
     def _ended(self, result: RunResult) -> None:
-        sup = self.supervisor
-        self.supervisor = None
-        if sup is not None:
-            sup.wait(5000)  # run() has returned once it emits run_ended; join the thread
-            sup.deleteLater()
+        watcher = self.watcher
+        self.watcher = None
+        if watcher is not None:
+            watcher.wait(5000)  # run() has returned once it emits run_ended; join the thread
+            watcher.deleteLater()
         if self._staged is not None:
-            self._staged.unlink(missing_ok=True)
+            # A worker left in the background may not have read its configuration yet; it has
+            # once its run folder holds its own copy.
+            if result.outcome is not Outcome.DETACHED or (Path(result.run_dir) / runs.CONFIG).exists():
+                self._staged.unlink(missing_ok=True)
             self._staged = None
         self.worker_pid.emit(None)
         self.ended.emit(result)

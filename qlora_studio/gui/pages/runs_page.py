@@ -100,7 +100,8 @@ class RunsPage(QWidget):
         self.resume_button.setObjectName("runsResumeButton")
         self.stop_button = QPushButton("Sto&p")
         self.stop_button.setObjectName("runsStopButton")
-        self.stop_button.setToolTip("Ask a run that trains without this window (left running in the background) to stop.")
+        self.stop_button.setToolTip("Ask a run that trains without this window to stop after its current step "
+                                    "(the Training page follows the newest such run, and stops it there).")
         self.folder_button = QPushButton("Show f&older")
         self.delete_button = QPushButton("&Delete…")
         self.delete_button.setObjectName("deleteRunButton")

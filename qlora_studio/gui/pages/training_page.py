@@ -51,7 +51,11 @@ def _num(value: Any, spec: str) -> str:
 
 
 class Progress:
-    """Steps done, steps planned and an ETA from the wall-clock rate since the first step seen."""
+    """Steps done, steps planned and an ETA from the wall-clock rate since the first step seen.
+
+    The rate restarts with each ``run_started``: a resumed run's history (replayed when the window
+    re-attaches to it) must not count the time the run was stopped as training time.
+    """
 
     def __init__(self) -> None:
         self.reset()
@@ -66,6 +70,7 @@ class Progress:
         kind = event.get("type")
         if kind == "run_started":
             self.total = int((event.get("plan") or {}).get("max_steps") or 0)
+            self._first = None
         elif kind == "step":
             self.step = int(event.get("step", self.step))
             now = float(event.get("time") or time.time())
