@@ -214,6 +214,14 @@ def train_step(model, batches, params, optimizer, scheduler, cfg: RunConfig, dev
     return loss, grad_norm, lr
 
 
+def logs_step(step: int, every: int) -> bool:
+    """Whether a step gets a `step` event: every ``every`` steps, or with 0 every step up to 1,000 and
+    then every ceil(step / 1,000)-th, so the event log stays small however long a run is."""
+    if every > 0:
+        return step % every == 0
+    return step <= 1000 or step % -(-step // 1000) == 0
+
+
 def smaller_micro_batch(micro_batch: int) -> int | None:
     """The largest divisor of ``micro_batch`` at most half of it, so the effective batch stays exact."""
     for candidate in range(micro_batch // 2, 0, -1):
@@ -391,7 +399,7 @@ class Trainer:
                 tokens_seen += step_tokens
                 step_s = time.perf_counter() - start
                 last_loss = step_loss
-                if self.is_main and (step % max(1, cfg.train.log_every) == 0 or step == total_steps):
+                if self.is_main and (logs_step(step, cfg.train.log_every) or step == total_steps):
                     self.events.emit(
                         "step", step=step, epoch=round(batcher.epoch_float, 4), loss=step_loss, lr=lr,
                         grad_norm=grad_norm, tokens=tokens_seen, tokens_per_s=step_tokens / step_s if step_s > 0 else None,

@@ -101,7 +101,7 @@ TIPS: dict[str, str] = {
         "Save a resumable checkpoint every this many steps; 0 saves only at the end or on stop."
     ),
     "train.keep_checkpoints": "How many of the newest checkpoints to keep on disk.",
-    "train.log_every": "Report a step event every this many steps.",
+    "train.log_every": "Report a step event every this many steps; 0 reports every step of the first thousand, then fewer and fewer so a long run's log stays small.",
     "train.device": (
         "Where to train: auto uses the NVIDIA GPU if there is one, else the CPU (slow, but fine for the "
         "demo)."

@@ -212,3 +212,14 @@ def test_one_sync_paged_adamw_equals_bitsandbytes(name):
     for a, b in zip(*results):
         assert torch.equal(a, b)
     assert state["state"]
+
+
+def test_step_events_thin_out_on_long_runs():
+    from qlora_studio.engine.trainer import logs_step
+
+    assert all(logs_step(s, 1) for s in range(1, 50))
+    assert [s for s in range(1, 31) if logs_step(s, 10)] == [10, 20, 30]
+    auto = [s for s in range(1, 20_001) if logs_step(s, 0)]
+    assert auto[:1000] == list(range(1, 1001))
+    assert 3_000 < len(auto) < 4_500  # 20,000 steps: a few thousand events, not 20,000
+    assert len([s for s in range(1, 1_000_001) if logs_step(s, 0)]) < 9_000
