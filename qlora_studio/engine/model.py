@@ -131,7 +131,7 @@ def check_shapes(config, shapes: dict[str, tuple[int, ...]], cfg_file: Path, tru
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - whatever the model's constructor raises, the loader would too
+    except Exception as exc:  # whatever the model's constructor raises, the loader would too
         if trust_remote_code:  # the model's own code may not build on the meta device: leave it to the loader
             log.debug("could not build %s on the meta device to check its shapes", cfg_file, exc_info=True)
             return
@@ -182,7 +182,7 @@ def weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     for path in weight_files(folder):
         try:
             with safe_open(str(path), framework="pt") as fh:
-                for name in fh.keys():
+                for name in fh.keys():  # noqa: SIM118 - a safetensors file, not a dict
                     shapes[name] = tuple(fh.get_slice(name).get_shape())
         except (SafetensorError, OSError) as exc:
             raise ModelError(f"the weights file is damaged or incomplete ({first_line(exc)})", where=str(path),

@@ -36,7 +36,7 @@ TALLY: Counter[tuple[str, str]] = Counter()
 
 def examples(n: int) -> int:
     """``n`` scaled by QLORA_FUZZ_SCALE (at least 1)."""
-    return max(1, int(round(n * SCALE)))
+    return max(1, round(n * SCALE))
 
 
 def tally(family: str, outcome: str) -> None:
@@ -77,7 +77,7 @@ def call(family: str, fn, *args, **kwargs):
 
 def cli(*args, timeout: float = 300, cwd: Path | None = None, env: dict[str, str] | None = None):
     return subprocess.run([sys.executable, "-m", "qlora_studio", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, env=env or ENV)
+                          timeout=timeout, cwd=cwd, env=env or ENV, check=False)
 
 
 def event_types(run_dir: Path) -> list[str]:

@@ -56,7 +56,7 @@ def _as_nobody(function: str, path) -> str:
             "os.setgid(65534); os.setuid(65534)\n"
             f"try:\n    {module}.{name}(sys.argv[1])\n"
             "except UserError as exc:\n    print(exc.one_line())\n")
-    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -199,13 +199,13 @@ def _edit_config(folder: Path, **changes) -> None:
 @pytest.mark.parametrize("changes, message", [
     # Each loaded into a mismatched model (an AttributeError from PEFT, exit code 1) or allocated
     # tensors of the size config.json claims (64 GB for this one) before failing.
-    ({"intermediate_size": 10**9}, "the weights do not match config.json: model.layers.0.mlp.gate_proj.weight is [768, 256] "
-                                   "in the weights, config.json implies [1000000000, 256] (and 11 more)"),
+    ({"intermediate_size": 10**9}, ("the weights do not match config.json: model.layers.0.mlp.gate_proj.weight is [768, 256] "
+                                    "in the weights, config.json implies [1000000000, 256] (and 11 more)")),
     ({"num_hidden_layers": 6}, "config.json describes 6 layers; the weights hold 4"),
     ({"num_hidden_layers": 10**6}, "config.json describes 1000000 layers; the weights hold 4"),
     ({"num_hidden_layers": -1}, "config.json describes -1 layers; the weights hold 4"),
-    ({"hidden_size": "big"}, "config.json is not a valid model configuration (Validation error for field 'hidden_size': "
-                             "TypeError: Field 'hidden_size' expected int, got str (value: 'big'))"),
+    ({"hidden_size": "big"}, ("config.json is not a valid model configuration (Validation error for field 'hidden_size': "
+                              "TypeError: Field 'hidden_size' expected int, got str (value: 'big'))")),
     ({"num_attention_heads": 3}, "config.json is not a valid model configuration (Class validation error"),
 ])
 def test_a_config_json_that_does_not_match_the_weights_is_refused_before_loading(demo_template, tmp_path, changes, message):
