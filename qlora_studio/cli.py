@@ -27,8 +27,16 @@ EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 log = logging.getLogger("qlora_studio")
 
 
+def _say(text: str) -> None:
+    """A line for the person on standard error; a reader that went away (a closed GUI) is no error."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (BrokenPipeError, OSError, ValueError):
+        pass
+
+
 def _fail(message: str) -> int:
-    print(f"qlora-studio: error: {message}", file=sys.stderr)
+    _say(f"qlora-studio: error: {message}")
     return EXIT_BAD_INPUT
 
 
@@ -186,7 +194,7 @@ def _run_worker(cfg: config_mod.RunConfig, run_dir: Path, resume: bool, events_o
             raise KeyboardInterrupt
         stop.request("interrupted" if signum == signal.SIGINT else "terminated")
         if signum == signal.SIGINT:
-            print("\nStopping after this step with a checkpoint (Ctrl-C again to quit at once)...", file=sys.stderr)
+            _say("\nStopping after this step with a checkpoint (Ctrl-C again to quit at once)...")
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -194,14 +202,14 @@ def _run_worker(cfg: config_mod.RunConfig, run_dir: Path, resume: bool, events_o
     try:
         outcome = Trainer(cfg, run_dir, writer, stop, base_dir=run_dir, resume=resume).run()
         if outcome.status == "stopped":
-            print(f"Stopped at step {outcome.step} with a checkpoint; resume with: qlora-studio train --resume {run_dir}", file=sys.stderr)
+            _say(f"Stopped at step {outcome.step} with a checkpoint; resume with: qlora-studio train --resume {run_dir}")
             return EXIT_STOPPED
-        print(f"Finished: the adapter is in {run_dir / runs.ADAPTER}", file=sys.stderr)
+        _say(f"Finished: the adapter is in {run_dir / runs.ADAPTER}")
         return EXIT_OK
     except UserError as exc:
         logging.getLogger(__name__).error("%s", exc.one_line())
         writer.emit("failed", kind=exc.kind, message=exc.one_line(), advice=exc.fix or "", log=str(run_dir / runs.LOG))
-        print(f"qlora-studio: error: {exc.one_line()}", file=sys.stderr)
+        _say(f"qlora-studio: error: {exc.one_line()}")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         writer.emit("failed", kind="interrupted", message="interrupted before a checkpoint could be written",
@@ -212,7 +220,7 @@ def _run_worker(cfg: config_mod.RunConfig, run_dir: Path, resume: bool, events_o
         logging.getLogger(__name__).error("internal error\n%s", traceback.format_exc())
         message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
         writer.emit("failed", kind=kind, message=message, advice=advice, log=str(run_dir / runs.LOG))
-        print(f"qlora-studio: internal error: {message} (details in {run_dir / runs.LOG})", file=sys.stderr)
+        _say(f"qlora-studio: internal error: {message} (details in {run_dir / runs.LOG})")
         return EXIT_INTERNAL
     finally:
         writer.close()
