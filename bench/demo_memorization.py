@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_result  # noqa: E402
+from _results import write_result
 
 
 def answers_matched(run_or_model: str, use_adapter: bool, records: list[dict]) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 import tomli_w
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import write_result  # noqa: E402
+from _results import write_result
 
 
 def main() -> int:

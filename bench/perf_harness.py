@@ -181,9 +181,9 @@ def contender_engine(model_dir: Path, shape: str, steps: int, auto: bool = False
 
 
 def contender_unsloth(model_dir: Path, shape: str, steps: int):
-    import unsloth  # noqa: F401  (must come before transformers)
     import bitsandbytes as bnb
     import torch
+    import unsloth  # noqa: F401  (must come before transformers)
     from unsloth import FastLanguageModel
 
     s = SHAPES[shape]
@@ -267,7 +267,7 @@ def table(rows: list[dict]) -> str:
         if "tokens_per_s" not in r:
             lines.append(f"| {r['contender']} | failed: {r.get('error', '')[:80]} | | | | | |")
             continue
-        ratio = lambda ref: f"{r['tokens_per_s'] / by[ref]['tokens_per_s']:.2f}" if ref in by else "–"  # noqa: E731
+        ratio = lambda ref: f"{r['tokens_per_s'] / by[ref]['tokens_per_s']:.2f}" if ref in by else "–"
         lines.append(f"| {r['contender']} | {r['tokens_per_s']:,.0f} | {r.get('peak_allocated_gb', 0):.2f} | "
                      f"{r.get('peak_reserved_gb', 0):.2f} | {ratio('seed')} | {ratio('unsloth')} | {json.dumps(r.get('settings', {}))} |")
     return "\n".join(lines)

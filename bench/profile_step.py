@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import perf_harness as H  # noqa: E402
-from _results import write_result  # noqa: E402
+import perf_harness as H
+from _results import write_result
 
 
 def main() -> int:

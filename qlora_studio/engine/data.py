@@ -57,7 +57,7 @@ def resolve_data_path(spec: str, base_dir: Path | None) -> str:
     if not p.is_absolute() and base_dir is not None and formats.path_exists(base_dir / p):
         return str((base_dir / p).resolve())
     if formats.looks_local(spec) and base_dir is not None and not p.is_absolute() and not formats.path_exists(p):
-        return str((base_dir / p))
+        return str(base_dir / p)
     return str(p) if formats.path_exists(p) else spec
 
 

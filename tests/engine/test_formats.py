@@ -65,8 +65,8 @@ def _labels_for(tokenizer, record, fmt):
 
 def test_chat_labels_exact_with_default_template(tokenizer):
     ex = _labels_for(tokenizer, CHAT, "chat")
-    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    masked = lambda s: [-100] * len(enc(s))  # noqa: E731
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+    masked = lambda s: [-100] * len(enc(s))
     sep = "\n\n"
     expected_ids = [tokenizer.bos_token_id]
     expected_labels = [-100]

@@ -1,6 +1,5 @@
 """The training loop on the demo model: learning, exact resume, stop requests, loss normalisation."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -46,7 +45,7 @@ def test_loss_decreases_and_run_finishes(demo_template, tmp_path):
 def test_resume_equals_uninterrupted_run(demo_template, tmp_path):
     # An uninterrupted run of 12 steps, against 6 steps + checkpoint, then a resumed run to 12.
     _, full = _train(demo_template, tmp_path / "full", lora={"dropout": 0.1})
-    first, part = _train(demo_template, tmp_path / "part", lora={"dropout": 0.1}, train={"max_steps": 6, "checkpoint_every": 3})
+    _train(demo_template, tmp_path / "part", lora={"dropout": 0.1}, train={"max_steps": 6, "checkpoint_every": 3})
     ckpts = runs.list_checkpoints(tmp_path / "part")
     assert [s for s, _ in ckpts] == [3]  # the checkpoint at the final step is replaced by the adapter
     # Interrupt after step 3 as a kill would: drop what came after the checkpoint.
@@ -117,9 +116,9 @@ def test_gradient_accumulation_matches_one_large_batch(demo_template):
 
 
 def test_chunked_loss_equals_standard(demo_template):
+    from qlora_studio.engine import trainer
     from qlora_studio.engine.data import Batcher, collate, load_dataset
     from qlora_studio.engine.model import load_model
-    from qlora_studio.engine import trainer
 
     cfg = C.load(demo_template / "config.toml")
     model, tok, _ = load_model(cfg, torch.device("cpu"), torch.bfloat16, demo_template)
