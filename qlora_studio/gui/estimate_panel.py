@@ -106,12 +106,14 @@ class EstimatePanel(QWidget):
         self.details.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         for w in (self.headline, self.bar, self.legend, self.details):
             layout.addWidget(w)
+        self.result: Any = None  #: the estimate shown, or None while a message is
         self.setToolTip("What a training step of these settings needs on the GPU at its peak, estimated from "
                         "config.json alone, before any weights are loaded.")
         self.show_text("")
 
     def show_text(self, text: str) -> None:
         """A message instead of an estimate (no model chosen yet, or why there is none)."""
+        self.result = None
         self.headline.setText(text)
         self.bar.setVisible(False)
         self.legend.setVisible(False)
@@ -119,6 +121,7 @@ class EstimatePanel(QWidget):
 
     def show_estimate(self, result: Any, gpu: Any | None) -> None:
         """Show an ``engine.estimate.Estimate`` against ``gpu`` (``vram.GpuMemory`` or None)."""
+        self.result = result
         peak = f"{result.peak / GiB:.2f} GiB at the peak ({result.phase})"
         if gpu is not None and result.verdict:
             colour = VERDICT_COLOURS.get(result.verdict, "#000000")

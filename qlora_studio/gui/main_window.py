@@ -102,6 +102,9 @@ class MainWindow(QMainWindow):
         self._applying = False
         self._model_info: Any = None
         self._gpu: vram.GpuMemory | None = None
+        self._estimate_job: FunctionJob | None = None
+        self._estimate_pending: tuple[int, Any, cfgmod.RunConfig, vram.GpuMemory | None] | None = None
+        self._estimate_serial = 0  # of the latest request; older answers are dropped
         self._estimate_timer = QTimer(self)
         self._estimate_timer.setSingleShot(True)
         self._estimate_timer.setInterval(300)
@@ -133,6 +136,7 @@ class MainWindow(QMainWindow):
         self.export_page = ExportPage(runs_dir=self.state.runs_dir)  # lists the runs when first shown
         self.playground_page = PlaygroundPage()
         self.runs_page = RunsPage(self.state.runs_dir)
+        self.estimate_panels = (self.model_page.estimate, self.training_page.estimate)
         self.tabs = QTabWidget()
         self.tabs.setObjectName("pages")
         self.tabs.setDocumentMode(True)
@@ -358,19 +362,66 @@ class MainWindow(QMainWindow):
         self._estimate_timer.start()
 
     def update_estimate(self) -> None:
-        """Re-estimate the GPU memory of the settings on screen (pure arithmetic, milliseconds)."""
-        label = self.training_page.estimate
-        peak = None
+        """Re-estimate the GPU memory of the settings on screen, off the GUI thread.
+
+        An estimate with suggestions takes 30–350 ms, so it runs as a background job. Requests are
+        coalesced: one job runs at a time, a request made meanwhile waits (a newer one replaces
+        it), and only the answer to the latest request is shown.
+        """
+        self._estimate_serial += 1
         if self._model_info is None:
-            label.setText("")
+            self._show_estimate_text("")
+            return
+        try:
+            cfg = self.collect_config()
+        except UserError as exc:
+            self._show_estimate_text(f"No memory estimate: {exc.one_line()}")
+            return
+        self._estimate_pending = (self._estimate_serial, self._model_info, cfg, self._gpu)
+        if self._estimate_job is None:
+            self._start_estimate()
+
+    def _start_estimate(self) -> None:
+        if self._estimate_pending is None:
+            return
+        serial, info, cfg, gpu = self._estimate_pending
+        self._estimate_pending = None
+        job = FunctionJob(vram.compute, info, cfg, gpu, parent=self)
+        job.succeeded.connect(lambda result, n=serial, g=gpu: self._estimate_ready(n, result, g))
+        job.failed.connect(lambda exc, n=serial: self._estimate_failed(n, exc))
+        job.finished.connect(self._estimate_done)
+        self._estimate_job = job
+        job.start()
+
+    def _estimate_done(self) -> None:
+        if self._estimate_job is not None:
+            self._estimate_job.deleteLater()
+        self._estimate_job = None
+        self._start_estimate()  # the latest request made while this one ran
+
+    def _estimate_ready(self, serial: int, result: Any, gpu: vram.GpuMemory | None) -> None:
+        if serial != self._estimate_serial:
+            return  # superseded by a newer request
+        for panel in self.estimate_panels:
+            panel.show_estimate(result, gpu)
+        self._set_estimated_peak(result.peak)
+
+    def _estimate_failed(self, serial: int, exc: BaseException) -> None:
+        if serial != self._estimate_serial:
+            return
+        if isinstance(exc, UserError):
+            self._show_estimate_text(f"No memory estimate: {exc.one_line()}")
+        elif isinstance(exc, ImportError):
+            self._show_estimate_text("")  # a build without the estimate module
         else:
-            try:
-                text, peak = vram.describe(self._model_info, self.collect_config(), self._gpu)
-            except UserError as exc:
-                text = f"No memory estimate: {exc.one_line()}"
-            except ImportError:
-                text = ""  # a build without the estimate module
-            label.setText(text)
+            self._show_estimate_text(f"No memory estimate: {type(exc).__name__}: {exc}")
+
+    def _show_estimate_text(self, text: str) -> None:
+        for panel in self.estimate_panels:
+            panel.show_text(text)
+        self._set_estimated_peak(None)
+
+    def _set_estimated_peak(self, peak: int | None) -> None:
         set_peak = getattr(self.monitor_page, "set_estimated_peak", None)
         if set_peak is not None:
             set_peak(peak)
@@ -620,6 +671,9 @@ class MainWindow(QMainWindow):
             self.run.wait(3000)
         self.save_settings()
         self.demo.cancel()
+        self._estimate_pending = None
+        if self._estimate_job is not None:
+            self._estimate_job.wait(3000)
         self.model_page.shutdown()
         self.dataset_page.shutdown()
         self.runs_page.shutdown()

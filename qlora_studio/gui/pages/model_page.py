@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
 )
 
 from ... import config as cfgmod
+from ..estimate_panel import EstimatePanel
 from ..help_texts import tip
 from ..jobs import FunctionJob
 from ..widgets import BusyIndicator, PathField, add_row, pick_folder, wrap_label
@@ -190,6 +191,11 @@ class ModelPage(QWidget):
         caption = add_row(lora_form, "Target modules:", targets, "lora.target_modules")
         caption.setAlignment(Qt.AlignmentFlag.AlignTop)
 
+        # --- the memory estimate of all pages' settings (filled in by the main window)
+        self.estimate = EstimatePanel(name="modelEstimate")
+        estimate_box = QGroupBox("GPU memory estimate (these settings, the Dataset and Training pages' too)")
+        QVBoxLayout(estimate_box).addWidget(self.estimate)
+
         # --- layout: a scroll area so the page stays usable at 200% scaling
         body = QWidget()
         grid = QGridLayout(body)
@@ -197,9 +203,10 @@ class ModelPage(QWidget):
         grid.addWidget(facts_box, 1, 0, 2, 1)
         grid.addWidget(quant_box, 1, 1)
         grid.addWidget(lora_box, 2, 1)
+        grid.addWidget(estimate_box, 3, 0, 1, 2)
         grid.setColumnStretch(0, 1)
         grid.setColumnStretch(1, 1)
-        grid.setRowStretch(3, 1)
+        grid.setRowStretch(4, 1)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setWidget(body)

@@ -33,6 +33,7 @@ from PySide6.QtWidgets import (
 from ... import config as cfgmod
 from .. import presets
 from ..charts import TrainingCharts
+from ..estimate_panel import EstimatePanel
 from ..help_texts import tip
 from ..widgets import add_row, wrap_label
 
@@ -181,11 +182,19 @@ class TrainingPage(QWidget):
         self.run_name.setObjectName("runName")
         self.run_name.setPlaceholderText("date and time")
         add_row(form, "R&un name:", self.run_name, "output.run_name")
-        self.estimate = wrap_label("", "vramEstimate")
-        form.addRow(self.estimate)
+        # The main window fills it in (computed off the GUI thread); its headline is ``vramEstimateVerdict``.
+        self.estimate = EstimatePanel(name="vramEstimate")
+        estimate_box = QGroupBox("GPU memory estimate")
+        QVBoxLayout(estimate_box).addWidget(self.estimate)
+        left = QWidget()
+        left_layout = QVBoxLayout(left)
+        left_layout.setContentsMargins(0, 0, 0, 0)
+        left_layout.addWidget(form_box)
+        left_layout.addWidget(estimate_box)
+        left_layout.addStretch(1)
         form_scroll = QScrollArea()
         form_scroll.setWidgetResizable(True)
-        form_scroll.setWidget(form_box)
+        form_scroll.setWidget(left)
         form_scroll.setMinimumWidth(360)
 
         # --- charts and log
