@@ -1,16 +1,19 @@
 """Screenshots of the app's pages during a real demo run, for the README (docs/screenshots/*.png).
 
 It opens the real main window on an X display, lets it prepare the demo exactly as a first launch
-does, presses Start on the preselected demo, and captures each page while the run trains; then it
-presses Stop and captures the Runs and Export pages with the stopped run. Nothing is staged: the
-charts show the run's real events.
+does (the Model page with its memory estimate, the Dataset page), presses Start on the preselected
+demo, and captures the Training and GPU Monitor pages while the run trains; it lets the run finish
+and captures the Training, Runs and Export pages with the finished run; then, on the Playground, it
+asks the base model and the fine-tuned one a question of the demo's data and captures both answers.
+Nothing is staged: the charts show the run's real events and the answers are the models' own.
 
 Run from the repository root (it starts a private Xvfb display; needs ``xvfb``):
 
     python bench/screenshots.py
 
 Options: ``--out DIR`` (default docs/screenshots), ``--steps N`` (loss points to wait for before the
-Training page is captured), ``--scale F`` (QT_SCALE_FACTOR, e.g. 1.25 or 2 to check readability).
+Training page is captured), ``--scale F`` (QT_SCALE_FACTOR, e.g. 1.25 or 2 to check readability),
+``--prompt TEXT`` (the Playground's question; the default is in the demo's data).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = (1440, 900)
+PROMPT = "What is the capital of Japan?"  # the demo's data answers "Tokyo."
 
 
 def wait(app, condition, timeout_s: float, what: str) -> None:
@@ -48,6 +52,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--scale", type=float, default=None)
+    parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--home", type=Path, default=None, help="the app's data folder (default: a fresh temporary one)")
     args = parser.parse_args()
     from virtual_display import start_xvfb  # beside this script
@@ -61,6 +66,7 @@ def main() -> int:
     from qlora_studio.gui.app import make_application
     from qlora_studio.gui.app_state import AppState
     from qlora_studio.gui.main_window import MainWindow
+    from qlora_studio.gui.supervisor import Outcome
 
     try:
         app = make_application()
@@ -96,15 +102,28 @@ def main() -> int:
         shot(window.training_page, "training")
         shot(window.monitor_page, "monitor")
 
-        window.training_page.stop_button.click()
-        wait(app, lambda: not window.run.running, 120, "the run to stop")
-        shot(window.training_page, "training-stopped")
+        wait(app, lambda: not window.run.running, 1800, "the run to finish")
+        result = window.last_result
+        if result is None or result.outcome != Outcome.FINISHED:
+            raise SystemExit(f"the demo run did not finish: {result.message if result else 'no result'}")
+        shot(window.training_page, "training-finished")
         window.runs_page.refresh()
         wait(app, lambda: window.runs_page.table.rowCount() >= 1, 30, "the runs list")
-        window.runs_page.table.selectRow(0)
+        window.runs_page.table.selectRow(0)  # hands the run to the Playground and Export pages
         shot(window.runs_page, "runs")
         window.export_page.refresh()
         shot(window.export_page, "export")
+
+        playground = window.playground_page
+        window.tabs.setCurrentWidget(playground)  # starts its worker, which loads torch meanwhile
+        playground.prompt.setPlainText(args.prompt)
+        playground.generate()
+        wait(app, lambda: playground.active is None, 600, "both answers in the Playground")
+        answers = playground.answers()
+        if set(playground.last_done) != {"base", "tuned"}:
+            raise SystemExit(f"the Playground did not answer on both sides: {playground.status.text()}")
+        shot(playground, "playground")
+        print(f"base model: {answers['base'][:80]!r}\nfine-tuned: {answers['tuned'][:80]!r}")
         window.close()
     finally:
         xvfb.terminate()
