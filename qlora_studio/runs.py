@@ -62,9 +62,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def pid_alive(pid: int) -> bool:
+    if pid <= 0:  # 0 and negative numbers name process groups, not a worker
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
@@ -102,35 +104,55 @@ class RunSummary:
         return self.status in ("stopped", "interrupted", "failed") and latest_checkpoint(self.path) is not None
 
 
+def _table(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _whole(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
 def summarize(run_dir: str | Path) -> RunSummary:
-    """Read a run folder's events into a summary; a run with no terminal event is running or interrupted."""
+    """Read a run folder's events into a summary; a run with no terminal event is running or interrupted.
+
+    Fields of the wrong type (a damaged file, another program's lines) are ignored, never raised on:
+    the Runs page and ``train --resume`` read every run folder they are shown.
+    """
     run_dir = Path(run_dir)
     s = RunSummary(path=run_dir, status="created")
     last: dict[str, Any] | None = None
     for event in ev.read(run_dir / EVENTS):
         kind = event.get("type")
-        t = event.get("time")
+        t = _number(event.get("time"))
         if kind == "run_started":
             s.status = "running"
             s.started_at = s.started_at or t
-            cfg = event.get("config") or {}
-            s.model = (cfg.get("model") or {}).get("name_or_path", "")
-            s.dataset = (cfg.get("data") or {}).get("path", "")
-            s.max_steps = int((event.get("plan") or {}).get("max_steps", 0) or 0)
+            cfg = _table(event.get("config"))
+            s.model = _text(_table(cfg.get("model")).get("name_or_path"))
+            s.dataset = _text(_table(cfg.get("data")).get("path"))
+            s.max_steps = _whole(_table(event.get("plan")).get("max_steps"), 0)
         elif kind == "step":
-            s.step = int(event.get("step", s.step))
-            loss = event.get("loss")
-            if isinstance(loss, (int, float)):
-                s.final_loss = float(loss)
-                s.losses.append((s.step, float(loss)))
+            s.step = _whole(event.get("step"), s.step)
+            loss = _number(event.get("loss"))
+            if loss is not None:
+                s.final_loss = loss
+                s.losses.append((s.step, loss))
         elif kind == "eval":
-            loss = event.get("loss")
-            if isinstance(loss, (int, float)):
-                s.eval_loss = float(loss)
+            loss = _number(event.get("loss"))
+            if loss is not None:
+                s.eval_loss = loss
         if kind in ev.TERMINAL_TYPES:
             s.status = kind
             s.ended_at = t
-            s.message = event.get("message") or event.get("reason") or ""
+            s.message = _text(event.get("message")) or _text(event.get("reason"))
         elif kind == "run_started":
             s.ended_at = None
         last = event
@@ -144,7 +166,7 @@ def summarize(run_dir: str | Path) -> RunSummary:
                 alive = False
         if not alive:
             s.status = "interrupted"
-            s.ended_at = last.get("time") if last else None
+            s.ended_at = _number(last.get("time")) if last else None
     return s
 
 

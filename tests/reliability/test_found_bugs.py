@@ -419,3 +419,22 @@ def test_auto_map_needs_consent_only_for_model_types_transformers_lacks(demo_tem
     assert info.value.where == str(folder / "config.json")
     assert "model.trust_remote_code = true" in info.value.fix
     check_local_model(folder, allow_pickle=False, trust_remote_code=True)  # consent given: left to the loader
+
+
+def test_a_run_folder_with_fields_of_the_wrong_type_is_summarised(tmp_path):
+    """The Runs page and `train --resume` read every run folder: one damaged event raised
+    TypeError/AttributeError there, and a huge number in worker.pid an OverflowError."""
+    import json
+
+    from qlora_studio import runs
+
+    (tmp_path / runs.EVENTS).write_text("\n".join(json.dumps(e) for e in [
+        {"v": 1, "type": "run_started", "time": 1.0, "config": True, "plan": {"max_steps": "many"}},
+        {"v": 1, "type": "step", "time": 2.0, "step": None, "loss": "low"},
+        {"v": 1, "type": "step", "time": 3.0, "step": 4, "loss": 0.5},
+    ]))
+    for pid in ("2147483648", "0", "-1"):
+        (tmp_path / runs.PID).write_text(pid)
+        summary = runs.summarize(tmp_path)
+        assert summary.status == "interrupted"  # no such worker: 0 and -1 would name process groups
+        assert (summary.step, summary.max_steps, summary.losses, summary.model) == (4, 0, [(4, 0.5)], "")
