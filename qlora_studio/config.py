@@ -199,6 +199,16 @@ class OutputConfig:
     runs_dir: str = "runs"
     run_name: str = ""
 
+    def __post_init__(self) -> None:
+        if "\x00" in self.runs_dir:
+            raise ConfigError("output.runs_dir contains a NUL character", fix="Set it to a folder path.")
+        name = self.run_name
+        if name and (name in (".", "..") or any(c in name for c in "/\\\x00") or len(name.encode("utf-8", "surrogatepass")) > 200):
+            raise ConfigError(
+                f"output.run_name = {name[:60]!r} is not a plain folder name",
+                fix="Use a name without / or \\, not . or .., of at most 200 bytes (or leave it empty for a timestamp).",
+            )
+
 
 @dataclass
 class RunConfig:

@@ -438,3 +438,17 @@ def test_a_run_folder_with_fields_of_the_wrong_type_is_summarised(tmp_path):
         summary = runs.summarize(tmp_path)
         assert summary.status == "interrupted"  # no such worker: 0 and -1 would name process groups
         assert (summary.step, summary.max_steps, summary.losses, summary.model) == (4, 0, [(4, 0.5)], "")
+
+
+@pytest.mark.parametrize("name", ["a\x00b", "x" * 300, "..", "runs/../../elsewhere"])
+def test_a_run_name_that_is_not_a_plain_folder_name_is_refused(name):
+    """The command line made the run folder from it: a NUL or a name too long raised inside
+    mkdir (exit code 1), and slashes or '..' put the run outside the runs folder."""
+    from qlora_studio import config
+    from qlora_studio.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        config.from_dict({"output": {"run_name": name}}, "run.toml")
+    check_user_error(info.value)
+    assert "is not a plain folder name" in info.value.what
+    assert config.from_dict({"output": {"run_name": "qlora-r16_v2.1"}}).output.run_name == "qlora-r16_v2.1"
