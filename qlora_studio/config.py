@@ -35,6 +35,7 @@ DEVICES = ("auto", "cuda", "cpu")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 LOSS_IMPLS = ("standard", "chunked")
 SEED_MAX = 2**32 - 1  # numpy's and most seeding functions' range
+MAX_EPOCHS = 1_000_000  # beyond any real plan; epochs x examples must stay a finite number of steps
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -172,7 +173,7 @@ class TrainConfig:
         _positive("train.micro_batch_size", self.micro_batch_size)
         _positive("train.grad_accum_steps", self.grad_accum_steps)
         _positive("train.max_steps", self.max_steps, allow_zero=True)
-        _positive("train.epochs", self.epochs, allow_zero=True)
+        _between("train.epochs", self.epochs, 0, MAX_EPOCHS, fix="Use e.g. 1 to 3, or train.max_steps.")
         if self.max_steps == 0 and self.epochs == 0:
             raise ConfigError("train.max_steps and train.epochs are both 0", fix="Set one of them.")
         _positive("train.learning_rate", self.learning_rate)

@@ -452,3 +452,15 @@ def test_a_run_name_that_is_not_a_plain_folder_name_is_refused(name):
     check_user_error(info.value)
     assert "is not a plain folder name" in info.value.what
     assert config.from_dict({"output": {"run_name": "qlora-r16_v2.1"}}).output.run_name == "qlora-r16_v2.1"
+
+
+def test_an_epoch_count_whose_step_plan_overflows_is_refused():
+    """train.epochs = 1e308 with max_steps = 0 planned inf steps: OverflowError in the worker."""
+    from qlora_studio import config
+    from qlora_studio.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        config.loads("[train]\nmax_steps = 0\nepochs = 1e308\n", "run.toml")
+    check_user_error(info.value)
+    assert info.value.what == "train.epochs = 1e+308 must be in [0, 1000000]"
+    assert config.loads("[train]\nmax_steps = 0\nepochs = 3.5\n").train.epochs == 3.5

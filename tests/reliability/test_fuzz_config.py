@@ -154,7 +154,12 @@ def test_any_configuration_text_loads_or_names_the_problem(case):
 @st.composite
 def one_key(draw) -> str:
     section, key = draw(st.sampled_from(KEYS))
-    return tomli_w.dumps({section: {key: draw(typed_values(HINTS[(section, key)]))}})
+    data = {section: {key: draw(typed_values(HINTS[(section, key)]))}}
+    if section == "train" and key not in ("max_steps", "epochs") and draw(st.booleans()):
+        data["train"].update(max_steps=0, epochs=1.0)  # a plan by epochs: the epoch count matters too
+    elif key == "epochs" and draw(st.booleans()):
+        data["train"]["max_steps"] = 0
+    return tomli_w.dumps(data)
 
 
 @settings(max_examples=fuzzkit.examples(400), **FUZZ)
