@@ -25,6 +25,7 @@ from .errors import UserError
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 
 log = logging.getLogger("qlora_studio")
+LOG_ONLY = "qlora_studio.worker"  #: records of this logger go to the run's log file, not the console
 
 
 def _say(text: str) -> None:
@@ -172,10 +173,12 @@ def _run_worker(cfg: config_mod.RunConfig, run_dir: Path, resume: bool, events_o
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING)
     console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    console.addFilter(lambda record: record.name != "py.warnings")  # library warnings: log file only
+    # Library warnings and what the worker reports itself (as one line below) go to the log file only.
+    console.addFilter(lambda record: record.name not in ("py.warnings", LOG_ONLY))
     root.addHandler(console)
 
-    _quiet_libraries(progress_bars=events_out is None)
+    # Progress bars only for a person at a terminal: in a pipe or a log pane they are noise.
+    _quiet_libraries(progress_bars=events_out is None and sys.stderr.isatty())
     (run_dir / runs.PID).write_text(str(os.getpid()))
     writer = EventWriter(run_dir / runs.EVENTS, echo=events_out, enabled=int(os.environ.get("RANK", "0")) == 0)
     if events_out is None and sys.stderr.isatty():
@@ -207,7 +210,7 @@ def _run_worker(cfg: config_mod.RunConfig, run_dir: Path, resume: bool, events_o
         _say(f"Finished: the adapter is in {run_dir / runs.ADAPTER}")
         return EXIT_OK
     except UserError as exc:
-        logging.getLogger(__name__).error("%s", exc.one_line())
+        logging.getLogger(LOG_ONLY).error("%s", exc.one_line())
         writer.emit("failed", kind=exc.kind, message=exc.one_line(), advice=exc.fix or "", log=str(run_dir / runs.LOG))
         _say(f"qlora-studio: error: {exc.one_line()}")
         return EXIT_BAD_INPUT
@@ -217,7 +220,7 @@ def _run_worker(cfg: config_mod.RunConfig, run_dir: Path, resume: bool, events_o
         return EXIT_STOPPED
     except BaseException as exc:  # noqa: BLE001 - the worker must always report how it ended
         kind, advice = _classify(exc)
-        logging.getLogger(__name__).error("internal error\n%s", traceback.format_exc())
+        logging.getLogger(LOG_ONLY).error("internal error\n%s", traceback.format_exc())
         message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
         writer.emit("failed", kind=kind, message=message, advice=advice, log=str(run_dir / runs.LOG))
         _say(f"qlora-studio: internal error: {message} (details in {run_dir / runs.LOG})")

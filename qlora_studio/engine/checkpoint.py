@@ -78,11 +78,13 @@ def save(run_dir: Path, model, optimizer, scheduler, trainer_state: dict[str, An
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 - a full disk is OSError from Python, RuntimeError from torch.save,
+        # SafetensorError from safetensors: whatever the writer, the checkpoint is not written.
         shutil.rmtree(tmp, ignore_errors=True)
         previous = runs.latest_checkpoint(run_dir)
+        reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(
-            f"could not write the checkpoint at step {trainer_state['step']} ({exc.strerror or exc})",
+            f"could not write the checkpoint at step {trainer_state['step']} ({reason})",
             where=str(root),
             fix=f"Free disk space and resume; the previous checkpoint {previous.name if previous else '(none)'} is intact.",
         ) from None

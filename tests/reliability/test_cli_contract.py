@@ -41,9 +41,6 @@ def test_a_worker_error_exits_2_with_a_failed_event_and_nothing_finished(worker_
     assert result.stderr.splitlines()[-1] == f"{ERROR_PREFIX}{failed['message']}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cli._run_worker logs the UserError through the console handler too ('ERROR: ...' before the "
-    "'qlora-studio: error: ...' line), and library warnings reach standard error. Fix proposed in docs/reliability.md."))
 def test_a_worker_error_is_one_line_on_standard_error(worker_error):
     _run_dir, result = worker_error
     assert len(result.stderr.splitlines()) == 1, result.stderr

@@ -104,10 +104,6 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_run_resu
     assert _events(run_dir)[-1]["type"] == "finished" and _events(run_dir)[-1]["step"] == 6
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine/checkpoint.py catches only OSError, but torch.save reports a full disk as RuntimeError "
-    "('unexpected pos ...') and safetensors as SafetensorError: the run ends as an internal error (exit 1) "
-    "and the unfinished .tmp- folder stays, filling the disk. Fix proposed in docs/reliability.md."))
 def test_a_full_disk_during_a_checkpoint_is_a_checkpoint_error(demo_template, small_disk):
     import torch
 
