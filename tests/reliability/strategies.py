@@ -121,14 +121,14 @@ def as_parquet(rows: list) -> bytes:
     import pyarrow.parquet as pq
 
     dicts = [r if isinstance(r, dict) else {"value": r} for r in rows]
-    try:
-        table = pa.Table.from_pylist(dicts)
-    except (pa.ArrowException, OverflowError, TypeError, ValueError):
-        keys = sorted({k for d in dicts for k in d})
-        table = pa.table({k: [None if k not in d else d[k] if isinstance(d[k], str) else _dumps(d[k]) for d in dicts]
-                          for k in keys})
     sink = io.BytesIO()
-    pq.write_table(table, sink)
+    try:
+        pq.write_table(pa.Table.from_pylist(dicts), sink)
+    except (pa.ArrowException, OverflowError, TypeError, ValueError):  # types parquet cannot hold
+        keys = sorted({k for d in dicts for k in d})
+        sink = io.BytesIO()
+        pq.write_table(pa.table({k: [None if k not in d else d[k] if isinstance(d[k], str) else _dumps(d[k]) for d in dicts]
+                                 for k in keys}), sink)
     return sink.getvalue()
 
 
