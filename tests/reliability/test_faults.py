@@ -165,9 +165,6 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine/export/__init__.py lets the OSError (No space left on device) of a write escape: exit 1 with "
-    "a traceback. The staging folder is removed, so nothing half-written is left. Fix proposed in docs/reliability.md."))
 def test_a_disk_that_fills_during_an_export_is_a_clear_error(finished_run, small_disk):
     disk = small_disk("3m")
     result = subprocess.run([sys.executable, "-c", EXPORT_DESPITE_THE_CHECK, "export", str(finished_run), "--format",

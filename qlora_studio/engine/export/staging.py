@@ -147,6 +147,15 @@ def staged_folder(out: Path, *, overwrite: bool) -> Iterator[Path]:
         _fsync_dir(out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        # A full disk, a quota, a folder that went away: the person can act on it, and nothing
+        # half-written is left behind.
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ExportError(
+            f"could not write the export ({exc.strerror or exc})",
+            where=str(out.parent),
+            fix="Free disk space (or pick another --out folder) and export again; nothing half-written was kept.",
+        ) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
