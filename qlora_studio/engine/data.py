@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import formats
 from ..config import DataConfig
-from ..errors import DataError
+from ..errors import DataError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ def chat_renderer(tokenizer):
             return ""
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
+    render.source = getattr(tokenizer, "name_or_path", "") or "the tokenizer"  # for error messages
     return render
 
 
@@ -165,12 +166,19 @@ def tokenize_segments(tokenizer, segments: list[formats.Segment]) -> tuple[list[
 
 
 def record_segments(record: formats.Record, fmt: str, cfg: DataConfig, eos: str, render) -> list[formats.Segment]:
-    """A record's segments (``formats.record_segments``); a chat template that refuses the
-    conversation is a DataError naming the record rather than jinja2's TemplateError."""
-    from jinja2.exceptions import TemplateError
+    """A record's segments (``formats.record_segments``). A chat template that refuses the
+    conversation is a DataError naming the record, one that does not parse a ModelError naming the
+    tokenizer, rather than jinja2's exceptions."""
+    from jinja2.exceptions import TemplateError, TemplateSyntaxError
 
     try:
         return formats.record_segments(record.data, fmt, cfg.columns, record.where, eos, render, cfg.train_on_prompt)
+    except TemplateSyntaxError as exc:
+        raise ModelError(
+            f"the tokenizer's chat template is not valid Jinja ({exc.message}, line {exc.lineno} of the template)",
+            where=getattr(render, "source", None) or "the tokenizer",
+            fix="Fix chat_template in the model's tokenizer files, or remove it to use the default template.",
+        ) from None
     except TemplateError as exc:  # templates call raise_exception(), e.g. on turns that do not alternate
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(

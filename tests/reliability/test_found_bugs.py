@@ -464,3 +464,22 @@ def test_an_epoch_count_whose_step_plan_overflows_is_refused():
     check_user_error(info.value)
     assert info.value.what == "train.epochs = 1e+308 must be in [0, 1000000]"
     assert config.loads("[train]\nmax_steps = 0\nepochs = 3.5\n").train.epochs == 3.5
+
+
+def test_a_chat_template_that_does_not_parse_is_a_model_error_naming_the_tokenizer(tmp_path, demo_template):
+    """It was reported as the first record's fault ("refuses this conversation (unexpected '}')")."""
+    from transformers import AutoTokenizer
+
+    from qlora_studio.config import DataConfig
+    from qlora_studio.engine.data import build_examples
+    from qlora_studio.errors import ModelError
+
+    tokenizer = AutoTokenizer.from_pretrained(str(demo_template / "model"))
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }"
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"instruction": "q", "output": "a"}\n')
+    with pytest.raises(ModelError) as info:
+        build_examples(formats.read_local(path), "alpaca", DataConfig(path=str(path)), tokenizer)
+    check_user_error(info.value)
+    assert info.value.where == str(demo_template / "model")
+    assert info.value.what.startswith("the tokenizer's chat template is not valid Jinja (unexpected '}', line 1 of the template)")
