@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,19 @@ STRICT_TEMPLATE = (
     "{% endif %}[{{ m['role'] }}]{{ m['content'] }}{{ eos_token if m['role'] == 'assistant' else '' }}"
     "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
 )
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, demo_template) -> Path:
+    """A finished two-step demo run with a checkpoint after each step, trained with a (fake) Hugging
+    Face token in the environment. Read-only for the tests that share it."""
+    folder = tmp_path_factory.mktemp("finished")
+    config = fuzzkit.demo_config_file(demo_template, folder, train={"checkpoint_every": 1})
+    run_dir = folder / "run"
+    result = fuzzkit.cli("train", config, "--output", run_dir, "--max-steps", "2", env=fuzzkit.TOKEN_ENV)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert fuzzkit.FAKE_TOKEN not in result.stdout + result.stderr
+    return run_dir
 
 
 @pytest.fixture(scope="session")

@@ -86,10 +86,14 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_run_resu
     run_dir = disk / "run"
     _set(demo / "config.toml", "train", checkpoint_every=1, keep_checkpoints=2, max_steps=6)
     result = cli("train", demo / "config.toml", "--output", run_dir)
-    assert result.returncode != 0, "the checkpoint was expected not to fit"
-    assert "Traceback" not in result.stderr.splitlines()[-1]
-    types = [e["type"] for e in _events(run_dir)]
-    assert types[-1] == "failed" and "finished" not in types and not (run_dir / runs.ADAPTER).exists()
+    assert result.returncode == 2, result.stderr[-2000:]
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"{ERROR_PREFIX}{run_dir / runs.CHECKPOINTS}: could not write the checkpoint at step 2 (")
+    assert line.endswith("Free disk space and resume; the previous checkpoint step-00000001 is intact.")
+    failed = _events(run_dir)[-1]
+    assert failed["type"] == "failed" and failed["kind"] == "checkpoint_failed", failed
+    assert "finished" not in [e["type"] for e in _events(run_dir)] and not (run_dir / runs.ADAPTER).exists()
+    assert sorted(p.name for p in (run_dir / runs.CHECKPOINTS).iterdir()) == ["step-00000001"]  # no .tmp- left
     assert runs.summarize(run_dir).status == "failed"
     # The checkpoint of step 1 is the latest, whole and loadable; an unfinished one is never listed.
     assert [step for step, _ in runs.list_checkpoints(run_dir)] == [1]
@@ -104,11 +108,12 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one_and_the_run_resu
     assert _events(run_dir)[-1]["type"] == "finished" and _events(run_dir)[-1]["step"] == 6
 
 
-def test_a_full_disk_during_a_checkpoint_is_a_checkpoint_error(demo_template, small_disk):
+@pytest.fixture(scope="module")
+def trained_state(demo_template):
+    """The demo's model, optimizer (with its full state) and schedule, as the loop holds them."""
     import torch
 
     from qlora_studio import config
-    from qlora_studio.engine import checkpoint as ckpt
     from qlora_studio.engine.demo import demo_config
     from qlora_studio.engine.model import load_model
     from qlora_studio.engine.trainer import build_optimizer, build_scheduler
@@ -120,29 +125,43 @@ def test_a_full_disk_during_a_checkpoint_is_a_checkpoint_error(demo_template, sm
     scheduler = build_scheduler(cfg, optimizer, 10)
     for p in params:
         p.grad = torch.zeros_like(p)
-    optimizer.step()  # an optimizer state of full size
-    run_dir = small_disk(CHECKPOINT_DISK) / "run"
+    optimizer.step()
+    return model, optimizer, scheduler
+
+
+def _second_checkpoint_error(trained_state, disk: Path):
+    from qlora_studio.engine import checkpoint as ckpt
+
+    model, optimizer, scheduler = trained_state
+    run_dir = disk / "run"
     run_dir.mkdir()
     state = {"step": 1, "tokens": 0, "data": {"epoch": 0, "index": 0}}
     ckpt.save(run_dir, model, optimizer, scheduler, state, keep=2)
     with pytest.raises(ckpt.CheckpointError) as info:
         ckpt.save(run_dir, model, optimizer, scheduler, {**state, "step": 2}, keep=2)
-    assert info.value.kind == "checkpoint_failed"
-    assert "could not write the checkpoint at step 2" in info.value.what
-    assert "step-00000001 is intact" in info.value.fix
+    return run_dir, info.value
+
+
+@pytest.mark.parametrize("size", ["4600k", CHECKPOINT_DISK])  # the adapter does not fit; the optimizer state does not
+def test_a_full_disk_during_a_checkpoint_is_a_checkpoint_error(trained_state, small_disk, size):
+    run_dir, err = _second_checkpoint_error(trained_state, small_disk(size))
+    assert err.kind == "checkpoint_failed"
+    assert "could not write the checkpoint at step 2" in err.what
+    assert "step-00000001 is intact" in err.fix
     assert sorted(p.name for p in (run_dir / runs.CHECKPOINTS).iterdir()) == ["step-00000001"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "engine/checkpoint.py words the error with the writer's message; torch.save's is "
+    "'[enforce fail at inline_container.cc:672] . unexpected pos ...' for a full disk. "
+    "Fix proposed in docs/reliability.md: name the full disk when the writer fails with little space left."))
+def test_a_full_disk_during_a_checkpoint_says_so(trained_state, small_disk):
+    _run_dir, err = _second_checkpoint_error(trained_state, small_disk(CHECKPOINT_DISK))
+    assert "No space left on device" in err.what, err.what
 
 
 # ------------------------------------------------------------------------------------------------
 # The disk filling up during an export
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, demo_template) -> Path:
-    run_dir = tmp_path_factory.mktemp("finished") / "run"
-    result = cli("train", demo_template / "config.toml", "--output", run_dir, "--max-steps", "2")
-    assert result.returncode == 0, result.stderr[-2000:]
-    return run_dir
 
 
 def test_an_export_that_cannot_fit_is_refused_before_writing(finished_run, small_disk):

@@ -25,7 +25,6 @@ from qlora_studio.engine.demo import DEMO_SETTINGS
 from qlora_studio.errors import ConfigError
 
 from . import fuzzkit
-from .test_fuzz_data import _demo_config
 
 FUZZ = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
 SOURCE = "fuzz.toml"
@@ -199,7 +198,7 @@ def test_cli_train_accepts_or_exits_2_on_any_configuration(demo_template, text):
             data[section].pop(key, None)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        path = _demo_config(demo_template, folder)
+        path = fuzzkit.demo_config_file(demo_template, folder)
         base = tomllib.loads(path.read_text())
         for section, values in data.items():
             if isinstance(values, dict) and isinstance(base.get(section), dict):

@@ -11,11 +11,10 @@ import re
 import tempfile
 from pathlib import Path
 
-import tomli_w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qlora_studio import formats, runs
+from qlora_studio import formats
 from qlora_studio.config import DATA_FORMATS, DataConfig
 from qlora_studio.engine.data import build_examples, detect, load_records
 from qlora_studio.errors import UserError
@@ -114,23 +113,8 @@ def test_cli_train_accepts_or_exits_2_on_any_dataset(demo_template, data):
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         path = _write(folder, data)
-        config = _demo_config(demo_template, folder, data={"path": str(path)})
+        config = fuzzkit.demo_config_file(demo_template, folder, data={"path": str(path)})
         run_dir = folder / "run"
         result = fuzzkit.cli("train", config, "--output", run_dir, "--max-steps", "1")
         outcome = fuzzkit.check_cli_outcome(result, run_dir, where=path.name)
         fuzzkit.tally(f"command line: dataset: {data.family}", outcome)
-
-
-def _demo_config(demo_template: Path, folder: Path, **changes: dict) -> Path:
-    """The demo's configuration with absolute paths and some keys changed, written into ``folder``."""
-    import tomllib
-
-    settings_ = tomllib.loads((demo_template / "config.toml").read_text())
-    settings_["model"]["name_or_path"] = str(demo_template / "model")
-    settings_["data"]["path"] = str(demo_template / "data.jsonl")
-    settings_["output"]["runs_dir"] = str(folder / runs.CHECKPOINTS)
-    for section, values in changes.items():
-        settings_.setdefault(section, {}).update(values)
-    path = folder / "config.toml"
-    path.write_text(tomli_w.dumps(settings_), encoding="utf-8")
-    return path

@@ -20,7 +20,6 @@ from qlora_studio.errors import UserError
 
 from . import fuzzkit
 from .model_damage import apply, damages, family
-from .test_fuzz_data import _demo_config
 
 FUZZ = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]}
 damage_lists = st.lists(damages, min_size=1, max_size=2)
@@ -86,7 +85,7 @@ def test_a_damaged_model_folder_loads_and_tokenizes_or_is_named(demo_template, o
 def test_cli_train_accepts_or_exits_2_on_a_damaged_model_folder(demo_template, ops):
     with tempfile.TemporaryDirectory() as tmp:
         folder, extra = _damaged_copy(demo_template, tmp, ops)
-        config_path = _demo_config(demo_template, Path(tmp), model={"name_or_path": str(folder), **extra})
+        config_path = fuzzkit.demo_config_file(demo_template, Path(tmp), model={"name_or_path": str(folder), **extra})
         run_dir = Path(tmp) / "run"
         result = fuzzkit.cli("train", config_path, "--output", run_dir, "--max-steps", "1")
         outcome = fuzzkit.check_cli_outcome(result, run_dir, where=str(folder))
