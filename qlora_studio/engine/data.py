@@ -245,11 +245,10 @@ class Batcher:
     stream exactly.
     """
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int, epoch: int = 0, index: int = 0):
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, epoch: int = 0, index: int = 0):
         self.examples = examples
         self.batch_size = batch_size
         self.seed = seed
-        self.pad_id = pad_id
         self.epoch = epoch
         self.index = index
         self._order = self._permutation(epoch)

@@ -313,7 +313,7 @@ class Trainer:
             log.info("on the CPU the paged optimizer keeps its state in ordinary memory (nothing to page)")
         scheduler = build_scheduler(cfg, optimizer, total_steps)
         pad_id = tokenizer.pad_token_id
-        batcher = Batcher(data.train, cfg.train.micro_batch_size, cfg.train.seed, pad_id)
+        batcher = Batcher(data.train, cfg.train.micro_batch_size, cfg.train.seed)
         step, tokens_seen = 0, 0
         # The shape of a step; an out-of-memory recovery halves the first and doubles the second.
         micro_batch, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
@@ -324,7 +324,7 @@ class Trainer:
             state = ckpt.load(latest, model, optimizer, scheduler)
             step, tokens_seen = state["step"], state["tokens"]
             micro_batch, accum = state["micro_batch_size"], state["grad_accum_steps"]
-            batcher = Batcher(data.train, cfg.train.micro_batch_size, cfg.train.seed, pad_id, **state["data"])
+            batcher = Batcher(data.train, cfg.train.micro_batch_size, cfg.train.seed, **state["data"])
             log.info("resumed from %s at step %d", latest.name, step)
 
         self.events.emit(

@@ -50,7 +50,7 @@ def test_chunked_loss_matches_standard_on_cuda(demo_template):
     cfg = C.load(demo_template / "config.toml")
     model, tok, _ = load_model(cfg, torch.device("cuda", 0), torch.bfloat16, demo_template)
     data = load_dataset(cfg.data, tok, demo_template)
-    batch = {k: v.cuda() for k, v in collate(Batcher(data.train, 8, 0, tok.pad_token_id).next(), tok.pad_token_id).items()}
+    batch = {k: v.cuda() for k, v in collate(Batcher(data.train, 8, 0).next(), tok.pad_token_id).items()}
     torch.testing.assert_close(loss_sum(model, batch, "chunked"), loss_sum(model, batch, "standard"), rtol=1e-3, atol=1e-2)
 
 
@@ -69,7 +69,7 @@ def test_real_out_of_memory_is_recovered_under_a_memory_cap(demo_template, tmp_p
     device = torch.device("cuda", 0)
     model, tok, _ = load_model(cfg, device, torch.bfloat16, demo_template)
     data = load_dataset(cfg.data, tok, demo_template)
-    examples = Batcher(data.train, 64, 0, tok.pad_token_id).next()
+    examples = Batcher(data.train, 64, 0).next()
 
     def peak(rows: int) -> int:
         torch.cuda.empty_cache()

@@ -27,7 +27,7 @@ def _grads(model, tok, demo_template):
 
     cfg = C.load(demo_template / "config.toml")
     data = load_dataset(cfg.data, tok, demo_template)
-    batch = collate(Batcher(data.train, 4, 0, tok.pad_token_id).next(), tok.pad_token_id)
+    batch = collate(Batcher(data.train, 4, 0).next(), tok.pad_token_id)
     model.train()
     loss = loss_sum(model, batch)
     loss.backward()

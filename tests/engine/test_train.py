@@ -98,7 +98,7 @@ def test_gradient_accumulation_matches_one_large_batch(demo_template):
         if "lora_B" in n:
             p.data.normal_(0, 0.02)
     data = load_dataset(cfg.data, tok, demo_template)
-    examples = Batcher(data.train, 8, 0, tok.pad_token_id).next()
+    examples = Batcher(data.train, 8, 0).next()
     params = [p for p in model.parameters() if p.requires_grad]
 
     def grads(micro: int) -> list[torch.Tensor]:
@@ -123,7 +123,7 @@ def test_chunked_loss_equals_standard(demo_template):
     cfg = C.load(demo_template / "config.toml")
     model, tok, _ = load_model(cfg, torch.device("cpu"), torch.bfloat16, demo_template)
     data = load_dataset(cfg.data, tok, demo_template)
-    batch = collate(Batcher(data.train, 8, 0, tok.pad_token_id).next(), tok.pad_token_id)
+    batch = collate(Batcher(data.train, 8, 0).next(), tok.pad_token_id)
     trainer.LOSS_CHUNK_TOKENS = 7  # several chunks
     try:
         standard = trainer.loss_sum(model, batch, "standard")
