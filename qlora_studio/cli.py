@@ -78,15 +78,7 @@ def _absolute(cfg: config_mod.RunConfig, base_dir: Path) -> config_mod.RunConfig
 
 def _new_run_dir(cfg: config_mod.RunConfig, base_dir: Path) -> Path:
     root = Path(cfg.output.runs_dir).expanduser()
-    if not root.is_absolute():
-        root = base_dir / root
-    name = cfg.output.run_name or time.strftime("run-%Y%m%d-%H%M%S")
-    path = root / name
-    n = 1
-    while path.exists():
-        n += 1
-        path = root / f"{name}-{n}"
-    return path
+    return runs.new_run_dir(root if root.is_absolute() else base_dir / root, cfg.output.run_name)
 
 
 class _Progress:

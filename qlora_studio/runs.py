@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,18 @@ _CKPT = re.compile(r"^step-(\d+)$")
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def new_run_dir(runs_dir: str | Path, run_name: str = "") -> Path:
+    """A run folder that does not exist yet: the run name, or the date and time, with -2, -3... if taken."""
+    runs_dir = Path(runs_dir)
+    name = run_name or time.strftime("run-%Y%m%d-%H%M%S")
+    path = runs_dir / name
+    n = 1
+    while path.exists():
+        n += 1
+        path = runs_dir / f"{name}-{n}"
+    return path
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:

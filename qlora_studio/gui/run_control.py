@@ -9,7 +9,6 @@ the same signals, so the window shows and stops both alike. One run at a time.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from PySide6.QtCore import QObject, Signal
@@ -36,17 +35,6 @@ def absolute_paths(cfg: cfgmod.RunConfig) -> cfgmod.RunConfig:
             "val_path": absolute(cfg.data.val_path, bool(cfg.data.val_path) and formats.looks_local(cfg.data.val_path)),
         },
     )
-
-
-def new_run_dir(runs_dir: Path, run_name: str) -> Path:
-    """A folder name that does not exist yet: the run name, or the date and time."""
-    name = run_name or time.strftime("run-%Y%m%d-%H%M%S")
-    path = runs_dir / name
-    n = 1
-    while path.exists():
-        n += 1
-        path = runs_dir / f"{name}-{n}"
-    return path
 
 
 class RunControl(QObject):
@@ -84,7 +72,7 @@ class RunControl(QObject):
         cfg.require_complete("the app's settings")
         cfg = absolute_paths(cfgmod.replace(cfg, output={"runs_dir": str(runs_dir)}))
         runs_dir.mkdir(parents=True, exist_ok=True)
-        run_dir = new_run_dir(runs_dir, cfg.output.run_name)
+        run_dir = runs.new_run_dir(runs_dir, cfg.output.run_name)
         self.staging_dir.mkdir(parents=True, exist_ok=True)
         staged = self.staging_dir / f"{run_dir.name}.toml"
         cfg.save(staged)
