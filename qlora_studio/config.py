@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .errors import ConfigError
+from .errors import ConfigError, lookup_path
 
 ALL_LINEAR = "all-linear"
 
@@ -330,12 +330,7 @@ def loads(text: str, source: str = "config") -> RunConfig:
 
 def load(path: str | Path) -> RunConfig:
     path = Path(path)
-    try:
-        found = path.exists()
-    except OSError as exc:  # a name too long, a folder on the way without search permission
-        raise ConfigError(f"cannot look up the file ({exc.strerror or exc})", where=str(path),
-                          fix="Check the path and the permissions of its folders.") from None
-    if not found:
+    if not lookup_path(path, ConfigError):
         raise ConfigError("configuration file not found", where=str(path), fix="Check the path, or write one with `qlora-studio demo DIR`.")
     if path.is_dir():
         raise ConfigError("is a folder, not a configuration file", where=str(path), fix="Pass the path of a config.toml.")

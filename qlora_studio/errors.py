@@ -38,5 +38,15 @@ class ModelError(UserError):
     kind = "bad_model"
 
 
+def lookup_path(path, error: type[UserError]) -> bool:
+    """Whether ``path`` exists; a path the system cannot look up (a name too long, a folder on
+    the way without search permission) is the person's to fix, reported as ``error``."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        raise error(f"cannot look up the file ({exc.strerror or exc})", where=str(path),
+                    fix="Check the path and the permissions of its folders.") from None
+
+
 class StopRequested(Exception):
     """Raised inside the training loop after a graceful stop request has been honoured."""

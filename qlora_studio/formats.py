@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from .errors import DataError, lookup_path
 
 #: The template used when a tokenizer has no chat template of its own. ``{eos}`` is the
 #: tokenizer's end-of-sequence token; it is learned after each assistant turn so the model learns
@@ -222,12 +222,7 @@ def check_local_path(path: Path) -> None:
     if not str(path).strip():
         raise DataError("no dataset file given (the path is blank)", where="data.path",
                         fix="Set it to a dataset file or a hub dataset id.")
-    try:
-        found = path.exists()
-    except OSError as exc:  # a name too long, a folder on the way without search permission
-        raise DataError(f"cannot look up the file ({exc.strerror or exc})", where=str(path),
-                        fix="Check the path and the permissions of its folders.") from None
-    if not found:
+    if not lookup_path(path, DataError):
         raise DataError("dataset file not found", where=str(path), fix="Check the path, or give a hub dataset id.")
     if path.is_dir():
         raise DataError("is a folder", where=str(path), fix="Pick a dataset file (.jsonl, .json, .csv, .parquet, .txt).")
