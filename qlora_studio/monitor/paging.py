@@ -4,7 +4,7 @@ bitsandbytes' paged optimizers keep their state in CUDA managed (unified) memory
 moves between GPU and CPU memory page by page: out when the card runs short or the CPU touches it,
 back in when a kernel or a prefetch needs it. CUPTI's unified-memory counters
 (activity kind ``UNIFIED_MEMORY_COUNTER``) report each move, host to device and device to host,
-and the GPU page faults, with a timestamp. This module turns them into per-phase totals:
+and the GPU page faults, with a timestamp. This module turns them into per-step, per-phase totals:
 
     collector = make_collector(enabled=True, device=device)
     if collector.unavailable:
@@ -13,16 +13,28 @@ and the GPU page faults, with a timestamp. This module turns them into per-phase
         with collector.phase("forward"): ...
         with collector.phase("backward"): ...
         with collector.phase("optimizer"): ...
-        for totals in collector.flush(step):      # only nonzero phases
-            writer.emit("paging", step=step, **totals)
+        for totals in collector.flush(step):      # nonzero (step, phase) totals, often []
+            writer.emit("paging", **{"step": step, **totals})
+    for totals in collector.flush(step, force=True):  # what is still on its way
+        writer.emit("paging", **{"step": step, **totals})
     collector.close()
 
-Attribution is by time: each phase records CUPTI timestamps as it opens and closes, and each
-counter record is credited to the phase whose interval holds its start time (records outside every
-phase go to the phase ``"other"``, e.g. a CPU touch between steps). Because CUDA runs
-asynchronously, a phase synchronises the device as it closes so that its GPU work, and the faults
-it causes, fall inside its interval. Records that CUPTI delivers late still land in the right
-phase, but in the totals of the next flush.
+Attribution is by time, and costs the training loop no synchronisation. A phase records a CUDA
+event (a *marker*) on the device's current stream as it opens and as it closes; the GPU stamps
+each marker when it gets there, so a phase's interval spans the GPU work it launched, and the
+faults that work causes, without draining the device between phases. Every ``flush(step)`` call
+records one marker more and gives the phases closed since the previous call that step.
+
+CUPTI is drained (``activity_flush_all``) at most once every ``flush_interval_s`` seconds (1 s by
+default), on ``flush(step, force=True)`` and at :meth:`CuptiPagingCollector.close`; a ``flush`` in
+between only records its marker and returns ``[]``. A draining flush first turns the waiting
+markers into CUPTI timestamps with one wait: it records an *anchor* event, waits for it, and reads
+CUPTI's clock; a marker's time is that reading less the GPU time from the marker to the anchor.
+Each counter record is then credited to the (step, phase) whose interval holds its start time, so
+records that arrive one or more flushes late still count for the step they happened in. A record
+outside every phase (a CPU touch between steps, the gradient clipping between backward and
+optimizer) goes to the phase ``"other"`` of the first ``flush`` call after it, or, if it is newer
+than every marker or older than the history kept, to the step of the flush that reports it.
 
 On the H200 with CUDA 13 the counters work only when CUDA is initialised *before* they are
 configured and enabled (enabling first answers ``CUPTI_ERROR_NOT_READY``), so
@@ -31,8 +43,8 @@ configured and enabled (enabling first answers ``CUPTI_ERROR_NOT_READY``), so
 Never crashes training: anything missing or refusing gives a :class:`NullCollector` whose
 ``unavailable`` says why, and a failure mid-run is logged once and turns the counters off.
 
-torch is imported only inside :func:`make_collector`; the rest is plain Python, so the GUI and the
-tests can import this module.
+torch is imported only inside :func:`make_collector` and :class:`CudaClock`; the rest is plain
+Python, so the GUI and the tests can import this module.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -55,7 +68,9 @@ OTHER = "other"  # moves outside every bracketed phase
 UNAVAILABLE_PREFIX = "Paging counters unavailable: "
 
 _BUFFER_BYTES = 4 * 1024 * 1024
-_HISTORY = 512  # phase intervals kept for records that arrive late
+_FLUSH_INTERVAL_S = 1.0  # CUPTI is drained at most this often, unless forced
+_KEEP_FLUSHES = 4  # draining flushes whose intervals stay known, for records that arrive late
+_MAX_WAITING = 4096  # markers waiting for a timestamp before a flush drains CUPTI regardless
 _FLUSH_FORCED = 1  # CUPTI_ACTIVITY_FLAG_FLUSH_FORCED
 _SCOPE_PROCESS_SINGLE_DEVICE = 1  # CUPTI_ACTIVITY_UNIFIED_MEMORY_COUNTER_SCOPE_PROCESS_SINGLE_DEVICE
 
@@ -104,7 +119,7 @@ class NullCollector:
     def phase(self, name: str) -> contextlib.AbstractContextManager[None]:
         return self._phase
 
-    def flush(self, step: int) -> list[dict[str, Any]]:
+    def flush(self, step: int, *, force: bool = False) -> list[dict[str, Any]]:
         return []
 
     def close(self) -> None:
@@ -117,25 +132,77 @@ class NullCollector:
         self.close()
 
 
-class CuptiPagingCollector:
-    """Per-phase totals from CUPTI's unified-memory counters.
+class CudaClock:
+    """Markers on the training device's GPU timeline, read back later on CUPTI's clock.
 
-    ``cupti`` is the ``cupti.cupti`` module of cupti-python (or a fake with the same names).
-    The caller must have initialised CUDA on the device before constructing this (see the module
-    docstring); construction raises the CUPTI error when the counters cannot be enabled.
-    ``synchronize`` waits for the device's queued work; it runs as each phase closes.
+    :meth:`mark` records a CUDA event on the device's current stream: asynchronous, it waits for
+    nothing. :meth:`resolve` waits once for the given markers, records an *anchor* event behind
+    them, waits for it and reads CUPTI's clock at once: the anchor completed at (or a few
+    microseconds before) that reading, and each marker's time is the reading less the GPU time
+    from the marker to the anchor (``elapsed_time`` is in milliseconds). ``cuda`` is
+    ``torch.cuda`` (imported here when not given) or a fake with the same ``Event`` and
+    ``current_stream``; ``timestamp`` is CUPTI's ``get_timestamp`` (nanoseconds).
     """
 
-    def __init__(self, cupti: Any, device_index: int, *, synchronize: Callable[[], None],
-                 history: int = _HISTORY):
+    def __init__(self, timestamp: Callable[[], int], device_index: int, *, cuda: Any = None):
+        if cuda is None:
+            import torch
+
+            cuda = torch.cuda
+        self._cuda = cuda
+        self._timestamp = timestamp
+        self._index = device_index
+
+    def mark(self) -> Any:
+        event = self._cuda.Event(enable_timing=True)
+        event.record(self._cuda.current_stream(self._index))
+        return event
+
+    def resolve(self, markers: list[Any]) -> list[int]:
+        """The CUPTI timestamps (ns) of ``markers``; raises what CUDA or CUPTI raise."""
+        for marker in markers:  # markers are in stream order: only the first waits, if any
+            marker.synchronize()
+        anchor = self.mark()
+        anchor.synchronize()
+        now = int(self._timestamp())
+        return [now - round(marker.elapsed_time(anchor) * 1e6) for marker in markers]
+
+
+class CuptiPagingCollector:
+    """Per-step, per-phase totals from CUPTI's unified-memory counters.
+
+    ``cupti`` is the ``cupti.cupti`` module of cupti-python (or a fake with the same names), and
+    ``clock`` a :class:`CudaClock` (or a fake with ``mark`` and ``resolve``). The caller must have
+    initialised CUDA on the device before constructing this (see the module docstring);
+    construction raises the CUPTI error when the counters cannot be enabled. CUPTI is drained at
+    most once every ``flush_interval_s`` seconds of ``now``, and also whenever ``max_waiting``
+    markers wait to be resolved; the intervals of the last ``keep_flushes`` draining flushes stay
+    known for records that arrive late.
+    """
+
+    def __init__(self, cupti: Any, device_index: int, *, clock: Any,
+                 flush_interval_s: float = _FLUSH_INTERVAL_S, now: Callable[[], float] = time.monotonic,
+                 max_waiting: int = _MAX_WAITING, keep_flushes: int = _KEEP_FLUSHES):
         self._cupti = cupti
-        self._sync = synchronize
+        self._clock = clock
+        self._interval = flush_interval_s
+        self._now = now
+        self._max_waiting = max_waiting
+        self._keep_flushes = keep_flushes
         self._lock = threading.Lock()
         self._incoming: list[tuple[int, int, int]] = []  # (start ns, counter kind, value)
-        self._starts: deque[int] = deque(maxlen=history)
-        self._intervals: deque[tuple[int, int, str]] = deque(maxlen=history)
-        self._open: tuple[int, str] | None = None
-        self._totals: dict[str, list[int]] = {}
+        # Markers not yet resolved: phases closed since the last flush call, then one group per call.
+        self._pending: deque[tuple[Any, Any, str]] = deque(maxlen=max_waiting)
+        self._waiting: list[tuple[int, Any, list[tuple[Any, Any, str]]]] = []  # (step, call marker, phases)
+        self._waiting_markers = 0
+        # Resolved history, one entry per flush call, in time order: the call's time and step, and
+        # the starts and intervals of the phases it closed.
+        self._calls: list[int] = []
+        self._call_steps: list[int] = []
+        self._groups: list[tuple[list[int], list[tuple[int, int, str]]]] = []
+        self._batches: deque[int] = deque()  # flush calls resolved by each draining flush
+        self._horizon = -1  # CUPTI time of the newest flush call forgotten
+        self._last_drain = now()
         self._closed = False
         self.unavailable: str | None = None
 
@@ -186,35 +253,43 @@ class CuptiPagingCollector:
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        """Bracket ``name``: a marker as it opens and one as it closes, even on an exception."""
         if self.unavailable is not None:
             yield
             return
-        start = self._timestamp()
-        self._open = (start, name) if start is not None else None
-        finished = False
+        start = self._mark()
         try:
             yield
-            finished = True
         finally:
-            self._open = None
+            # After an exception (an out-of-memory error, say) the marker still closes the phase;
+            # if CUDA itself has failed, recording it fails and the counters turn off.
             if start is not None and self.unavailable is None:
-                self._close_phase(start, name, finished)
+                end = self._mark()
+                if end is not None:
+                    self._pending.append((start, end, name))
 
-    def _close_phase(self, start: int, name: str, finished: bool) -> None:
-        if finished:  # after an exception (an out-of-memory error, say) the loop deals with CUDA
-            try:
-                self._sync()
-            except Exception as exc:  # noqa: BLE001 - the training loop reports CUDA errors itself
-                self._give_up(f"could not synchronise the device ({exc})")
-                return
-        end = self._timestamp()
-        if end is not None:
-            self._starts.append(start)
-            self._intervals.append((start, end, name))
+    def flush(self, step: int, *, force: bool = False) -> list[dict[str, Any]]:
+        """Totals of the records CUPTI delivered, per (step, phase), nonzero ones only.
 
-    def flush(self, step: int) -> list[dict[str, Any]]:
-        """Per-phase totals since the last flush, nonzero ones only, in phase order."""
+        Call it once per step, between phases: the phases closed since the previous call are
+        ``step``'s. Between draining flushes (see the module docstring) it returns ``[]``;
+        ``force=True`` drains now. Each dict has the keys ``step``, ``phase``, ``bytes_htod``,
+        ``bytes_dtoh`` and ``faults``, ordered by step, then phase.
+        """
         if self.unavailable is not None:
+            return []
+        marker = self._mark()
+        if marker is None:
+            return []
+        phases = list(self._pending)
+        self._pending.clear()
+        self._waiting.append((step, marker, phases))
+        self._waiting_markers += 1 + 2 * len(phases)
+        now = self._now()
+        if not (force or now - self._last_drain >= self._interval or self._waiting_markers >= self._max_waiting):
+            return []
+        self._last_drain = now
+        if not self._resolve_waiting():
             return []
         try:
             self._cupti.activity_flush_all(_FLUSH_FORCED)
@@ -223,20 +298,14 @@ class CuptiPagingCollector:
             return []
         with self._lock:
             records, self._incoming = self._incoming, []
+        totals: dict[tuple[int, str], list[int]] = {}
         for start, kind, value in records:
-            totals = self._totals.setdefault(self._phase_at(start), [0, 0, 0])
-            if kind == self._htod:
-                totals[0] += value
-            elif kind == self._dtoh:
-                totals[1] += value
-            else:
-                totals[2] += value
+            counts = totals.setdefault(self._place(start, step), [0, 0, 0])
+            counts[0 if kind == self._htod else 1 if kind == self._dtoh else 2] += value
         out = []
-        for name in sorted(self._totals, key=_phase_order):
-            htod, dtoh, faults = self._totals[name]
+        for (at, name), (htod, dtoh, faults) in sorted(totals.items(), key=_record_order):
             if htod or dtoh or faults:
-                out.append({"phase": name, "bytes_htod": htod, "bytes_dtoh": dtoh, "faults": faults})
-        self._totals.clear()
+                out.append({"step": at, "phase": name, "bytes_htod": htod, "bytes_dtoh": dtoh, "faults": faults})
         return out
 
     def close(self) -> None:
@@ -249,6 +318,8 @@ class CuptiPagingCollector:
             self._cupti.activity_flush_all(_FLUSH_FORCED)
         if self.unavailable is None:
             self.unavailable = "the collector was closed"
+        self._pending.clear()
+        self._waiting.clear()
         _forget(self)
 
     def __enter__(self) -> CuptiPagingCollector:
@@ -259,23 +330,58 @@ class CuptiPagingCollector:
 
     # ---- helpers ------------------------------------------------------------------------
 
-    def _phase_at(self, ts: int) -> str:
-        """The phase whose interval ``[start, end)`` holds ``ts`` (in time order, not overlapping)."""
-        if self._open is not None and ts >= self._open[0]:
-            return self._open[1]
-        i = bisect.bisect_right(self._starts, ts) - 1
-        if i >= 0:
-            start, end, name = self._intervals[i]
-            if start <= ts < end:
-                return name
-        return OTHER
-
-    def _timestamp(self) -> int | None:
+    def _mark(self) -> Any:
         try:
-            return int(self._cupti.get_timestamp())
-        except Exception as exc:  # noqa: BLE001
-            self._give_up(f"CUPTI failed to read its clock ({_error_name(self._cupti, exc)})")
+            return self._clock.mark()
+        except Exception as exc:  # noqa: BLE001 - the training loop reports CUDA errors itself
+            self._give_up(f"could not record a GPU marker ({exc})")
             return None
+
+    def _resolve_waiting(self) -> bool:
+        """Turn the waiting markers into CUPTI times and add them to the history; False on failure."""
+        markers = []
+        for _, call, phases in self._waiting:
+            markers.append(call)
+            for start, end, _ in phases:
+                markers += (start, end)
+        try:
+            times = iter(self._clock.resolve(markers))
+        except Exception as exc:  # noqa: BLE001 - a failed CUDA context, a CUPTI error
+            self._give_up(f"could not read the GPU markers' times ({_error_name(self._cupti, exc)})")
+            return False
+        for step, _, phases in self._waiting:
+            self._calls.append(next(times))
+            self._call_steps.append(step)
+            starts, intervals = [], []
+            for _, _, name in phases:
+                start, end = next(times), next(times)
+                starts.append(start)
+                intervals.append((start, end, name))
+            self._groups.append((starts, intervals))
+        self._batches.append(len(self._waiting))
+        self._waiting = []
+        self._waiting_markers = 0
+        while len(self._batches) > self._keep_flushes:
+            n = self._batches.popleft()
+            if n:
+                self._horizon = self._calls[n - 1]
+                del self._calls[:n], self._call_steps[:n], self._groups[:n]
+        return True
+
+    def _place(self, ts: int, step: int) -> tuple[int, str]:
+        """The (step, phase) of a record starting at ``ts``, reported by ``flush(step)``."""
+        if ts <= self._horizon:
+            return step, OTHER  # older than the history kept
+        i = bisect.bisect_left(self._calls, ts)  # the first flush call at or after the record
+        if i == len(self._calls):
+            return step, OTHER  # newer than every flush call resolved
+        starts, intervals = self._groups[i]
+        j = bisect.bisect_right(starts, ts) - 1  # phases are in time order and do not overlap
+        if j >= 0:
+            start, end, name = intervals[j]
+            if start <= ts < end:
+                return self._call_steps[i], name
+        return self._call_steps[i], OTHER
 
     def _give_up(self, reason: str) -> None:
         """Turn the counters off for the rest of the run and say so once."""
@@ -283,6 +389,11 @@ class CuptiPagingCollector:
             self.unavailable = reason
             log.warning("%s", unavailable_message(reason))
             self.close()
+
+
+def _record_order(item: tuple[tuple[int, str], list[int]]) -> tuple[int, int, str]:
+    (step, name), _ = item
+    return (step, *_phase_order(name))
 
 
 def _phase_order(name: str) -> tuple[int, str]:
@@ -355,12 +466,14 @@ def _init_cuda(index: int) -> None:
 
 
 def make_collector(enabled: bool, device: Any, *, cupti_module: Any = None,
-                   init_cuda: Callable[[int], None] | None = None,
-                   synchronize: Callable[[], None] | None = None) -> CuptiPagingCollector | NullCollector:
+                   init_cuda: Callable[[int], None] | None = None, clock: Any = None,
+                   flush_interval_s: float = _FLUSH_INTERVAL_S,
+                   now: Callable[[], float] = time.monotonic) -> CuptiPagingCollector | NullCollector:
     """The paging collector for a training run on ``device``, or a :class:`NullCollector` saying why not.
 
-    ``cupti_module``, ``init_cuda`` and ``synchronize`` exist for tests; by default they are
-    ``cupti.cupti``, creating a CUDA context with torch, and ``torch.cuda.synchronize(device)``.
+    ``cupti_module``, ``init_cuda``, ``clock`` and ``now`` exist for tests; by default they are
+    ``cupti.cupti``, creating a CUDA context with torch, a :class:`CudaClock` on the device with
+    ``torch.cuda``, and ``time.monotonic``.
     """
     index = _device_index(device)
     if index is None:
@@ -381,15 +494,12 @@ def make_collector(enabled: bool, device: Any, *, cupti_module: Any = None,
             return NullCollector(f"cupti-python failed to load ({exc})")
     try:
         (init_cuda or _init_cuda)(index)
+        if clock is None:
+            clock = CudaClock(cupti.get_timestamp, index)
     except Exception as exc:  # noqa: BLE001
         return NullCollector(f"CUDA failed to initialise on device {index} ({exc})")
-    if synchronize is None:
-        def synchronize() -> None:
-            import torch
-
-            torch.cuda.synchronize(index)
     try:
-        return CuptiPagingCollector(cupti, index, synchronize=synchronize)
+        return CuptiPagingCollector(cupti, index, clock=clock, flush_interval_s=flush_interval_s, now=now)
     except Exception as exc:  # noqa: BLE001
         with contextlib.suppress(Exception):
             cupti.activity_disable(cupti.ActivityKind.UNIFIED_MEMORY_COUNTER)

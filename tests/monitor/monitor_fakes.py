@@ -7,7 +7,9 @@ before ``nvmlInit`` or after ``nvmlShutdown``, and can be broken mid-run.
 ``FakeCupti`` follows cupti-python's ``cupti.cupti`` names and reproduces the H200/CUDA 13 quirk:
 enabling the unified-memory counters before CUDA is initialised raises ``ERROR_NOT_READY``.
 Work queued on the "GPU" produces its records only when the device is synchronised, like real
-asynchronous kernels.
+asynchronous kernels. ``FakeCuda`` is the part of ``torch.cuda`` the paging clock uses: events
+recorded on that same simulated device, stamped by a GPU clock whose origin differs from CUPTI's,
+with torch's errors for an event never recorded or not yet completed.
 """
 
 from __future__ import annotations
@@ -251,7 +253,9 @@ class FakeCupti:
         self.gpu_queue: list[tuple[int, int]] = []
         self.held: list[SimpleNamespace] = []  # records CUPTI delivers one flush late
         self.fail_flush = False
+        self.fail_timestamp: Result | None = None  # an error get_timestamp raises while set
         self.flushes = 0
+        self.syncs = 0  # waits for the device: torch.cuda.synchronize and Event.synchronize
 
     # -- the CUPTI API --------------------------------------------------------------------
 
@@ -284,6 +288,8 @@ class FakeCupti:
             self.callbacks[1](records)
 
     def get_timestamp(self) -> int:
+        if self.fail_timestamp is not None:
+            raise cuptiError(self.fail_timestamp)
         return self.clock_ns
 
     # -- the simulated hardware ------------------------------------------------------------
@@ -298,6 +304,7 @@ class FakeCupti:
         """A move or fault happening now (a CPU touch, or a kernel the device is running)."""
         if not self.enabled or int(kind) not in self.configured:
             return
+        self.advance(1)  # not at the very nanosecond of an event stamped just before
         rec = SimpleNamespace(kind=int(ActivityKind.UNIFIED_MEMORY_COUNTER), counter_kind=int(kind),
                               value=value, start=self.clock_ns, end=self.clock_ns + 10)
         (self.held if late else self.buffer).append(rec)
@@ -310,12 +317,92 @@ class FakeCupti:
         self.gpu_queue.append((int(kind), value))
         self.advance()
 
+    def launch_event(self, event: FakeEvent) -> None:
+        """An event recorded on the stream: stamped at once on an idle device, else after the work before it."""
+        if self.gpu_queue:
+            self.gpu_queue.append(event)
+        else:
+            self._stamp(event)
+
+    def _stamp(self, event: FakeEvent) -> None:
+        event.complete(self.clock_ns)
+
     def synchronize(self) -> None:
+        """torch.cuda.synchronize: the device runs everything queued, in order."""
+        self.syncs += 1
         self.advance()
         queue, self.gpu_queue = self.gpu_queue, []
-        for kind, value in queue:
-            self.record(ActivityUnifiedMemoryCounterKind(kind), value)
+        for item in queue:
+            if isinstance(item, FakeEvent):
+                self._stamp(item)
+            else:
+                self.record(ActivityUnifiedMemoryCounterKind(item[0]), item[1])
 
     def release_held(self) -> None:
         self.buffer.extend(self.held)
         self.held = []
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.cuda's events, on FakeCupti's simulated device
+
+
+GPU_CLOCK_OFFSET_NS = 987_654_321_000  # CUDA events' clock does not share CUPTI's origin
+
+
+class FakeEvent:
+    def __init__(self, cuda: FakeCuda, enable_timing: bool = False):
+        self._cuda = cuda
+        self.enable_timing = enable_timing
+        self.recorded = False
+        self.gpu_ns: int | None = None  # the GPU clock when the stream reached the event
+
+    def record(self, stream: Any = None) -> None:
+        self._cuda.check()
+        assert stream == self._cuda.stream, f"recorded on {stream!r}, not the training device's stream"
+        self.recorded = True
+        self._cuda.recorded += 1
+        self._cuda.cupti.launch_event(self)
+
+    def complete(self, cupti_ns: int) -> None:
+        self.gpu_ns = cupti_ns + GPU_CLOCK_OFFSET_NS
+
+    def synchronize(self) -> None:
+        self._cuda.check()
+        if self.recorded and self.gpu_ns is None:
+            self._cuda.cupti.synchronize()
+        else:
+            self._cuda.cupti.syncs += 1
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        self._cuda.check()
+        if not (self.recorded and end.recorded):
+            raise RuntimeError("Both events must be recorded before calculating elapsed time.")
+        if not (self.enable_timing and end.enable_timing):
+            raise RuntimeError("Both events must be created with argument 'enable_timing=True'.")
+        if self.gpu_ns is None or end.gpu_ns is None:
+            raise RuntimeError("CUDA error: device not ready")
+        return (end.gpu_ns - self.gpu_ns) / 1e6
+
+
+class FakeCuda:
+    """``torch.cuda`` for the paging clock: ``Event`` and ``current_stream`` on FakeCupti's device."""
+
+    def __init__(self, cupti: FakeCupti, device_index: int = 0):
+        self.cupti = cupti
+        self.device_index = device_index
+        self.stream = ("stream", device_index)
+        self.broken: str | None = None  # a sticky CUDA error every call raises while set
+        self.recorded = 0
+
+    def check(self) -> None:
+        if self.broken is not None:
+            raise RuntimeError(self.broken)
+
+    def Event(self, enable_timing: bool = False) -> FakeEvent:  # torch.cuda's name
+        return FakeEvent(self, enable_timing=enable_timing)
+
+    def current_stream(self, device: int | None = None) -> Any:
+        self.check()
+        assert device == self.device_index, f"asked for the stream of device {device}, not {self.device_index}"
+        return self.stream
