@@ -7,8 +7,8 @@ each contender in its own process on the same data (random token ids, every toke
   engine       this project's engine with exactly the shared settings
   unsloth      Unsloth, when it is importable (a benchmark peer, never a dependency)
   engine-auto  this engine with the settings it picks for the GPU (see ``auto_settings``)
-  engine-peft-lora   the engine with PEFT's own LoRA layers instead of the fused ones (what fusing gives)
-  engine-cupti       the engine with the CUPTI paging counters on (what collecting them costs)
+  engine-...   the engine with one of its changes turned off, or the paging counters on: what each
+               gives on its own (see ENGINE_VARIANTS)
 
 Shared settings: LoRA r=16, alpha=16, dropout 0 on all seven projections, gradient checkpointing,
 PagedAdamW32bit, bf16 compute, SDPA attention; 3 warm-up steps, then 8 timed ones. Every
@@ -143,28 +143,45 @@ def contender_seed(model_dir: Path, shape: str, steps: int) -> tuple[list[float]
     return _time_steps(_hf_step(model, params, opt, dev), shape, steps), {}
 
 
-def contender_engine(model_dir: Path, shape: str, steps: int, auto: bool = False, fused_lora: bool = True,
-                     paging: bool = False):
+# Engine rows: the engine with its defaults ("engine"), and with one of its changes turned off each,
+# so that what each change gives is measured on its own.
+ENGINE_VARIANTS = {
+    "engine": {},
+    "engine-peft-lora": {"fused_lora": False},           # PEFT's LoRA layers instead of the fused function
+    "engine-no-fused-kernels": {"fused_kernels": False},  # transformers' RMSNorm, SwiGLU and RoPE
+    "engine-no-offload": {"offload_checkpoints": False},  # checkpointed layer inputs stay on the GPU
+    "engine-embeddings-on-gpu": {"embeddings_on_cpu": False},
+    "engine-loss-chunk-1024": {"loss_chunk_tokens": 1024},  # the chunked loss's earlier fixed chunk
+    "engine-cupti": {"paging_counters": True},            # with the CUPTI paging counters collecting
+    "engine-auto": {"auto": True},                        # the settings it picks by itself for the GPU
+}
+_CONFIG_KEYS = ("fused_lora", "fused_kernels", "offload_checkpoints", "embeddings_on_cpu")
+
+
+def contender_engine(model_dir: Path, shape: str, steps: int, variant: str = "engine"):
     import torch
 
+    from qlora_studio import config as C
     from qlora_studio.engine import device as devices
+    from qlora_studio.engine import trainer
     from qlora_studio.engine.model import load_model
     from qlora_studio.engine.trainer import build_optimizer, build_scheduler, train_step
 
+    overrides = ENGINE_VARIANTS[variant]
     device = devices.resolve_device("auto")
-    settings = auto_settings(shape, device) if auto else {}
+    settings = auto_settings(shape, device) if overrides.get("auto") else {}
     cfg = run_config(model_dir, **{k: v for k, v in settings.items() if k in ("gradient_checkpointing", "loss_impl")})
-    from qlora_studio import config as C
-
-    cfg = C.replace(cfg, train={"fused_lora": fused_lora})
-    settings = {**settings, "fused_lora": fused_lora}
+    cfg = C.replace(cfg, train={k: v for k, v in overrides.items() if k in _CONFIG_KEYS})
+    settings.update({k: v for k, v in overrides.items() if k != "auto"})
+    if "loss_chunk_tokens" in overrides:
+        trainer.LOSS_CHUNK_TOKENS = overrides["loss_chunk_tokens"]
+        trainer.LOSS_LOGITS_BYTES = 1 << 40
     collector = None
-    if paging:
-        from qlora_studio.engine.trainer import make_paging_collector
-
-        collector = make_paging_collector(device)
+    if overrides.get("paging_counters"):
+        collector = trainer.make_paging_collector(device)
         settings["paging_counters"] = collector.unavailable or "on"
-    model, _, _ = load_model(cfg, device, torch.bfloat16 if device.type == "cuda" else devices.resolve_compute_dtype("auto", device))
+    model, _, info = load_model(cfg, device, torch.bfloat16 if device.type == "cuda" else devices.resolve_compute_dtype("auto", device))
+    settings["fast_paths"] = info.fast_paths
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(cfg, params)
     sched = build_scheduler(cfg, opt, steps)
@@ -237,10 +254,10 @@ def worker(args) -> int:
 
     model_dir = Path(args.model)
     os.environ["QS_BENCH_MODEL"] = str(model_dir)
-    fn = {"seed": contender_seed, "engine": contender_engine, "unsloth": contender_unsloth,
-          "engine-auto": lambda m, s, n: contender_engine(m, s, n, auto=True),
-          "engine-peft-lora": lambda m, s, n: contender_engine(m, s, n, fused_lora=False),
-          "engine-cupti": lambda m, s, n: contender_engine(m, s, n, paging=True)}[args.worker]
+    if args.worker in ENGINE_VARIANTS:
+        fn = lambda m, s, n: contender_engine(m, s, n, args.worker)  # noqa: E731
+    else:
+        fn = {"seed": contender_seed, "unsloth": contender_unsloth}[args.worker]
     (losses, times), settings = fn(model_dir, args.shape, args.steps)
     s = SHAPES[args.shape]
     timed = times[WARMUP:WARMUP + TIMED]

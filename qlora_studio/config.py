@@ -165,8 +165,16 @@ class TrainConfig:
     loss_impl: str = "chunked"
     #: compute each 4-bit linear layer and its adapter in one fused function (engine/lora_kernels.py)
     fused_lora: bool = True
-    #: CUPTI's unified-memory counters: the paged optimizer's page moves per phase (GPU only;
-    #: measured at 7% of a 1B step's time on an H200, less on larger models)
+    #: on a GPU, gradient checkpointing keeps each layer's input in pinned CPU memory instead of on
+    #: the card (engine/offload.py); the same arithmetic, copies overlap with compute
+    offload_checkpoints: bool = True
+    #: on a GPU, an untied input embedding stays in pinned CPU memory and only the rows a step
+    #: uses are copied over (1 GiB less on an 8B model); exact
+    embeddings_on_cpu: bool = True
+    #: on a GPU with liger-kernel installed, fused Triton kernels for RMSNorm, SwiGLU and RoPE
+    #: (the same formulas, computed in one pass)
+    fused_kernels: bool = True
+    #: CUPTI's unified-memory counters: the paged optimizer's page moves per phase (GPU only)
     paging_counters: bool = True
 
     def __post_init__(self) -> None:

@@ -7,11 +7,12 @@ model with a 128k vocabulary) and makes the output-head product run in fp32.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import pickle
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,8 @@ class ModelInfo:
     quantized_layers: int
     lora_layers: int
     target_modules: list[str]
+    #: the GPU-only paths in use (engine/offload.py, fused kernels), for the run's record
+    fast_paths: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -360,12 +363,49 @@ def load_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype, base_di
     base = load_base(source, cfg, device, dtype, check=False)
     quantized = count_linear4bit(base)
     model, targets = attach_lora(base, cfg)
+    fast = gpu_fast_paths(model, cfg, device)
     lora_layers = sum(1 for _, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(param_count(p) for p in model.parameters())
     arch = (getattr(base.config, "architectures", None) or [type(base).__name__])[0]
-    info = ModelInfo(cfg.model.name_or_path, arch, total, trainable, quantized, lora_layers, targets)
+    info = ModelInfo(cfg.model.name_or_path, arch, total, trainable, quantized, lora_layers, targets, fast)
     return model, tokenizer, info
+
+
+def gpu_fast_paths(model, cfg: RunConfig, device: torch.device) -> list[str]:
+    """Switch on what runs only on a GPU; returns their names. None of them changes the arithmetic."""
+    if device.type != "cuda":
+        return []
+    from . import offload
+
+    used = []
+    if cfg.train.fused_kernels and fused_kernels(model.get_base_model()):
+        used.append("fused_kernels")
+    if cfg.train.gradient_checkpointing and cfg.train.offload_checkpoints and offload.use_offloaded_checkpointing(model):
+        used.append("offload_checkpoints")
+    if cfg.train.embeddings_on_cpu and offload.embeddings_on_cpu(model.get_base_model()):
+        used.append("embeddings_on_cpu")
+    if used:
+        log.info("GPU paths: %s", ", ".join(used))
+    return used
+
+
+def fused_kernels(model) -> bool:
+    """liger-kernel's RMSNorm, SwiGLU and RoPE for the model's architecture, when it is installed."""
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return False
+    except Exception as exc:  # noqa: BLE001 - a broken install: train without it, and say so
+        log.warning("liger-kernel failed to load (%s); training without its fused kernels", first_line(exc))
+        return False
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(getattr(model.config, "model_type", None))
+    if apply is None:
+        return False
+    wanted = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    accepted = inspect.signature(apply).parameters
+    apply(model=model, **{k: v for k, v in wanted.items() if k in accepted})
+    return True
 
 
 def count_linear4bit(model) -> int:

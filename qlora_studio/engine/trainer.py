@@ -38,7 +38,14 @@ from .model import load_model
 
 log = logging.getLogger(__name__)
 
-LOSS_CHUNK_TOKENS = 1024
+LOSS_CHUNK_TOKENS = 1024  #: at most this many tokens per chunk of the chunked loss
+LOSS_LOGITS_BYTES = 128 << 20  #: and at most this much for a chunk's fp32 logits (at least 64 tokens)
+
+
+def loss_chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk of the chunked loss: 1,024 for a 32k vocabulary, 256 for 128k."""
+    by_bytes = max(64, LOSS_LOGITS_BYTES // (4 * vocab_size) // 64 * 64)
+    return max(1, min(LOSS_CHUNK_TOKENS, by_bytes))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,13 +159,13 @@ def loss_sum(model, batch: dict[str, torch.Tensor], impl: str = "standard") -> t
             y = labels.reshape(-1)
             keep = (y != IGNORE).nonzero().squeeze(1)
             h, y = h.index_select(0, keep), y.index_select(0, keep)
+            chunk = loss_chunk_tokens(head.weight.shape[0])
             if not head.weight.requires_grad:
-                return frozen_head_cross_entropy(h, head.weight, y, LOSS_CHUNK_TOKENS)
+                return frozen_head_cross_entropy(h, head.weight, y, chunk)
             total = hidden.new_zeros((), dtype=torch.float32)
-            for start in range(0, h.shape[0], LOSS_CHUNK_TOKENS):
+            for start in range(0, h.shape[0], chunk):
                 total = total + activation_checkpoint(
-                    _head_ce, h[start : start + LOSS_CHUNK_TOKENS], y[start : start + LOSS_CHUNK_TOKENS], head.weight,
-                    use_reentrant=False,
+                    _head_ce, h[start : start + chunk], y[start : start + chunk], head.weight, use_reentrant=False,
                 )
             return total
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

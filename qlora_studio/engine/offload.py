@@ -1,0 +1,169 @@
+"""Activation checkpointing whose saved layer inputs wait in CPU memory.
+
+With gradient checkpointing a decoder layer keeps only its input for the backward pass and runs
+its forward again there. Those inputs still add up: 2 × 2048 tokens × 4096 × 2 bytes is 32 MiB a
+layer, 1 GiB for the 32 layers of an 8B model. :func:`offloaded_checkpoint` copies each input to
+pinned CPU memory on a side stream while the next layers run, and lets the GPU copy go; backward
+brings it back (the previous layer's input is fetched while this one recomputes), recomputes the
+layer with the same random state and backpropagates through it. The arithmetic is the checkpointed
+layer's own: only where its input waits changes.
+
+:func:`use_offloaded_checkpointing` installs it as the decoder layers' checkpoint function
+(``_gradient_checkpointing_func``, which transformers calls as ``fn(forward, *args)`` with the
+hidden states first). It needs CUDA; on the CPU the ordinary checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _streams:
+        _streams[index] = torch.cuda.Stream(device=index)
+    return _streams[index]
+
+
+class _Saved:
+    """One layer's input: in pinned CPU memory after the forward pass, back on the GPU for backward."""
+
+    last: weakref.ref | None = None  # the most recent one, so the next layer's can link to it
+
+    def __init__(self, hidden: torch.Tensor):
+        self.device = hidden.device
+        self.requires_grad = hidden.requires_grad
+        stream = _side_stream(hidden.device)
+        self.host: torch.Tensor | None = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+        stream.wait_stream(torch.cuda.current_stream(hidden.device))
+        with torch.cuda.stream(stream):
+            self.host.copy_(hidden, non_blocking=True)
+        hidden.record_stream(stream)  # the allocator keeps its memory until the copy is done
+        self.back: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+        # The layer before this one: its backward comes next. A weak reference, so that a forward
+        # pass whose backward never runs (an out-of-memory error) frees its inputs with its graph.
+        self.previous = _Saved.last
+        _Saved.last = weakref.ref(self)
+
+    def fetch(self) -> None:
+        """Start the copy back to the GPU on the side stream (once)."""
+        if self.back is not None or self.host is None:
+            return
+        stream = _side_stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self.back = self.host.to(self.device, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record(stream)
+
+    def take(self) -> torch.Tensor:
+        self.fetch()
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(self.ready)
+        back, self.back, self.host = self.back, None, None
+        back.record_stream(current)
+        return back
+
+    def fetch_previous(self) -> None:
+        previous = self.previous() if self.previous is not None else None
+        self.previous = None
+        if previous is not None:
+            previous.fetch()
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run, hidden, anchor, *rest):
+        ctx.run, ctx.rest = run, rest
+        ctx.rng_cpu = torch.get_rng_state()
+        ctx.rng_cuda = torch.cuda.get_rng_state(hidden.device)
+        ctx.saved = _Saved(hidden)
+        with torch.no_grad():
+            return run(hidden, *rest)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved: _Saved = ctx.saved
+        hidden = saved.take().detach().requires_grad_(saved.requires_grad)
+        saved.fetch_previous()  # copies while this layer recomputes
+        with torch.random.fork_rng(devices=[hidden.device]):
+            torch.set_rng_state(ctx.rng_cpu)
+            torch.cuda.set_rng_state(ctx.rng_cuda, hidden.device)
+            with torch.enable_grad():
+                out = ctx.run(hidden, *ctx.rest)
+        outs = out if isinstance(out, tuple) else (out,)
+        pairs = [(o, g) for o, g in zip(outs, grads)
+                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        n_rest = len(ctx.rest)
+        ctx.run = ctx.rest = ctx.saved = None
+        return (None, hidden.grad if saved.requires_grad else None, None) + (None,) * n_rest
+
+
+_anchors: dict[torch.device, torch.Tensor] = {}
+
+
+def offloaded_checkpoint(function, hidden: torch.Tensor, *rest):
+    """``function(hidden, *rest)``, keeping only ``hidden`` for backward, and that in CPU memory.
+
+    ``anchor`` is an empty tensor that requires grad, so the result requires grad (and the layer's
+    adapters get their gradients) even when ``hidden`` does not, as for the first layer's input.
+    """
+    if any(isinstance(t, torch.Tensor) and t.requires_grad for t in rest):
+        # Only the hidden states get a gradient here; anything else that needs one takes the usual path.
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(function, hidden, *rest, use_reentrant=False)
+    anchor = _anchors.get(hidden.device)
+    if anchor is None:
+        anchor = _anchors[hidden.device] = torch.empty(0, device=hidden.device, requires_grad=True)
+    return _OffloadedCheckpoint.apply(function, hidden, anchor, *rest)
+
+
+def use_offloaded_checkpointing(model) -> int:
+    """Make every checkpointed layer of ``model`` offload its input; returns how many layers."""
+    count = 0
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
+            module._gradient_checkpointing_func = offloaded_checkpoint
+            count += 1
+    return count
+
+
+def embeddings_on_cpu(model) -> bool:
+    """Keep a frozen, untied input embedding in pinned CPU memory; look rows up there.
+
+    A 128k × 4096 bf16 embedding is 1 GiB of GPU memory that a step reads only a few thousand rows
+    of. Here the token ids come to the CPU, the rows are gathered into pinned memory and copied to
+    the GPU. Untied only: a tied embedding is also the output head, which the GPU needs whole.
+    Returns whether it was moved.
+    """
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    weight = getattr(embedding, "weight", None)
+    # A plain nn.Embedding only: subclasses (Gemma's scaled embedding) do more in their forward.
+    if (type(embedding) is not torch.nn.Embedding or weight is None or weight.requires_grad
+            or weight.device.type != "cuda" or (head is not None and head.weight is weight)
+            or embedding.max_norm is not None):
+        return False
+    device = weight.device
+    weight.data = weight.data.to("cpu").pin_memory()
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).to("cpu")
+        rows = torch.empty((flat.shape[0], weight.shape[1]), dtype=weight.dtype, pin_memory=True)
+        torch.index_select(weight, 0, flat, out=rows)
+        return rows.to(device, non_blocking=True).view(*ids.shape, weight.shape[1])
+
+    embedding.forward = forward
+    embedding.gpu_device = device
+    return True
+
+
+__all__ = ["embeddings_on_cpu", "offloaded_checkpoint", "use_offloaded_checkpointing"]
