@@ -411,14 +411,18 @@ class Trainer:
                         grad_norm=grad_norm, tokens=tokens_seen, tokens_per_s=step_tokens / step_s if step_s > 0 else None,
                         step_s=step_s, paged_state_bytes=paged_state_bytes(optimizer), **devices.memory_stats(device),
                     )
+                # A record names its own step when it arrives a step or more late.
                 for record in paging.flush(step):
-                    self.events.emit("paging", step=step, **record)
+                    self.events.emit("paging", **{"step": step, **record})
                 if data.val and cfg.train.eval_every and step % cfg.train.eval_every == 0 and self.is_main:
                     val = evaluate(model, data.val, cfg, pad_id, device)
                     self.events.emit("eval", step=step, loss=val, perplexity=math.exp(min(val, 50)))
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total_steps:
                     save_checkpoint()
         finally:
+            with contextlib.suppress(Exception):  # the last moves; the monitor never stops training
+                for record in paging.flush(step, force=True):
+                    self.events.emit("paging", **{"step": step, **record})
             paging.close()
 
         eval_loss = None
