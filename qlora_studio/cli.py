@@ -165,12 +165,14 @@ def _run_worker(cfg: config_mod.RunConfig, run_dir: Path, resume: bool, events_o
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING)
     console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    # Library warnings and what the worker reports itself (as one line below) go to the log file only.
-    console.addFilter(lambda record: record.name not in ("py.warnings", LOG_ONLY))
+    # Libraries' records (transformers' load report, Python warnings, ...) and what the worker reports
+    # itself (as one line below) go to the log file only; the console shows QLoRA Studio's own.
+    console.addFilter(_for_console)
     root.addHandler(console)
 
     # Progress bars only for a person at a terminal: in a pipe or a log pane they are noise.
     _quiet_libraries(progress_bars=events_out is None and sys.stderr.isatty())
+    restore_library_logging = _library_logging_to_root()
     (run_dir / runs.PID).write_text(str(os.getpid()))
     writer = EventWriter(run_dir / runs.EVENTS, echo=events_out, enabled=int(os.environ.get("RANK", "0")) == 0)
     if events_out is None and sys.stderr.isatty():
@@ -223,9 +225,70 @@ def _run_worker(cfg: config_mod.RunConfig, run_dir: Path, resume: bool, events_o
             (run_dir / runs.PID).unlink()
         except FileNotFoundError:
             pass
+        restore_library_logging()
         root.removeHandler(handler)
         handler.close()
         root.removeHandler(console)
+
+
+def _for_console(record: logging.LogRecord) -> bool:
+    """Only QLoRA Studio's own records reach the console, and not those meant for the log file only."""
+    name = record.name
+    if name == LOG_ONLY or name.startswith(LOG_ONLY + "."):
+        return False
+    return name == "qlora_studio" or name.startswith("qlora_studio.")
+
+
+def _library_logging_to_root():
+    """Send transformers' and huggingface_hub's records to the root logger instead of their own stderr handlers.
+
+    Both libraries print through a handler of their own (transformers' load report for weights missing a
+    tensor is several lines of table), which would land before the worker's one error line. Through the
+    root logger they reach the run's log file, and the console filter keeps them off the console.
+    Returns a function that puts the libraries' handlers back (for callers in the same process).
+    """
+    undo = []
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        pass
+    else:
+        library = hf_logging.get_logger("transformers")
+        before, propagated = list(library.handlers), library.propagate
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
+        removed = [h for h in before if h not in library.handlers]
+
+        def undo_transformers():
+            library.propagate = propagated
+            for h in removed:
+                library.addHandler(h)
+
+        undo.append(undo_transformers)
+    try:
+        import huggingface_hub.utils.logging  # noqa: F401 - adds its stderr handler on import
+    except ImportError:
+        pass
+    else:
+        hub = logging.getLogger("huggingface_hub")
+        own = [h for h in hub.handlers if type(h) is logging.StreamHandler]  # not the FileHandler subclass
+        propagated = hub.propagate
+        for h in own:
+            hub.removeHandler(h)
+        hub.propagate = True
+
+        def undo_hub():
+            hub.propagate = propagated
+            for h in own:
+                hub.addHandler(h)
+
+        undo.append(undo_hub)
+
+    def restore() -> None:
+        for step in reversed(undo):
+            step()
+
+    return restore
 
 
 def _quiet_libraries(progress_bars: bool) -> None:
