@@ -8,6 +8,7 @@ adapter (PEFT format), the optimizer and scheduler states, the RNG states and th
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -61,6 +62,32 @@ def clean_temporary(run_dir: Path) -> None:
                 shutil.rmtree(child, ignore_errors=True)
 
 
+#: A write that fails with less than this free in the run folder's file system is taken for a full disk:
+#: torch.save and safetensors report it in their own words ("unexpected pos ...", "I/O error"), not as ENOSPC.
+NEARLY_FULL = 16 * 1024 * 1024
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _disk_full(exc: BaseException, free: int | None) -> bool:
+    """True when a failed write is the disk being full: ENOSPC anywhere in the chain, or (nearly) no space left."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    # A writer's error (not a programming error such as a TypeError) with hardly any space left.
+    writer_error = isinstance(exc, (OSError, RuntimeError)) or type(exc).__name__ == "SafetensorError"
+    return writer_error and free is not None and free < NEARLY_FULL
+
+
 def save(run_dir: Path, model, optimizer, scheduler, trainer_state: dict[str, Any], keep: int) -> Path:
     root = run_dir / runs.CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -80,9 +107,13 @@ def save(run_dir: Path, model, optimizer, scheduler, trainer_state: dict[str, An
         tmp.rename(final)
     except Exception as exc:  # noqa: BLE001 - a full disk is OSError from Python, RuntimeError from torch.save,
         # SafetensorError from safetensors: whatever the writer, the checkpoint is not written.
+        free = _free_bytes(root)  # before the partial checkpoint is removed, which frees its space again
         shutil.rmtree(tmp, ignore_errors=True)
         previous = runs.latest_checkpoint(run_dir)
-        reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if _disk_full(exc, free):
+            reason = "No space left on device" + (f", {free / 1e6:.1f} MB free" if free is not None else "")
+        else:
+            reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(
             f"could not write the checkpoint at step {trainer_state['step']} ({reason})",
             where=str(root),
@@ -104,7 +135,8 @@ def load(checkpoint: Path, model, optimizer, scheduler) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     adapter = checkpoint / runs.ADAPTER / "adapter_model.safetensors"
-    weights = load_file(str(adapter), device=str(next(model.parameters()).device))
+    # The adapter's own device: a frozen embedding may wait in CPU memory (engine/offload.py).
+    weights = load_file(str(adapter), device=str(next(p.device for p in model.parameters() if p.requires_grad)))
     result = set_peft_model_state_dict(model, weights)
     missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if missing:

@@ -151,13 +151,30 @@ def test_a_full_disk_during_a_checkpoint_is_a_checkpoint_error(trained_state, sm
     assert sorted(p.name for p in (run_dir / runs.CHECKPOINTS).iterdir()) == ["step-00000001"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine/checkpoint.py words the error with the writer's message; torch.save's is "
-    "'[enforce fail at inline_container.cc:672] . unexpected pos ...' for a full disk. "
-    "Fix proposed in docs/reliability.md: name the full disk when the writer fails with little space left."))
-def test_a_full_disk_during_a_checkpoint_says_so(trained_state, small_disk):
-    _run_dir, err = _second_checkpoint_error(trained_state, small_disk(CHECKPOINT_DISK))
-    assert "No space left on device" in err.what, err.what
+@pytest.mark.parametrize("size", ["4600k", CHECKPOINT_DISK])
+def test_a_full_disk_during_a_checkpoint_says_so(trained_state, small_disk, size):
+    _run_dir, err = _second_checkpoint_error(trained_state, small_disk(size))
+    # torch.save and safetensors word a full disk their own way; the message names it, with the space left
+    assert "No space left on device, " in err.what and err.what.endswith(" MB free)"), err.what
+
+
+def test_a_checkpoint_writer_error_with_space_left_keeps_the_writers_words(trained_state, tmp_path, monkeypatch):
+    import shutil
+
+    from qlora_studio.engine import checkpoint as ckpt
+
+    if shutil.disk_usage(tmp_path).free < 4 * ckpt.NEARLY_FULL:
+        pytest.skip("the temporary folder's disk is nearly full itself")
+    model, optimizer, scheduler = trained_state
+
+    def failing_save(obj, path, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(ckpt.torch, "save", failing_save)
+    with pytest.raises(ckpt.CheckpointError) as info:
+        ckpt.save(tmp_path, model, optimizer, scheduler, {"step": 1, "tokens": 0, "data": {"epoch": 0, "index": 0}}, keep=2)
+    assert "unexpected pos 64 vs 0" in info.value.what and "No space left" not in info.value.what
+    assert list((tmp_path / runs.CHECKPOINTS).iterdir()) == []  # the partial checkpoint is removed
 
 
 # ------------------------------------------------------------------------------------------------
