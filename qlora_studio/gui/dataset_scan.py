@@ -21,7 +21,6 @@ import json
 import sys
 from typing import Any
 
-from .. import formats
 from ..config import DataConfig, ModelConfig, RunConfig
 from ..errors import UserError
 
@@ -51,7 +50,7 @@ def _tokenizer(request: dict[str, Any]):
 
 
 def scan(request: dict[str, Any]) -> dict[str, Any]:
-    from ..engine.data import detect, load_records, tokenize_segments
+    from ..engine.data import detect, load_records, record_segments, tokenize_segments
 
     data_cfg = DataConfig(
         path=request["path"],
@@ -95,10 +94,8 @@ def scan(request: dict[str, Any]) -> dict[str, Any]:
     eos = (tokenizer.eos_token or "") if tokenizer is not None else EOS_MARKER
 
     for index, record in enumerate(records):
-        try:
-            segments = formats.record_segments(
-                record.data, fmt, data_cfg.columns, record.where, eos, render, data_cfg.train_on_prompt
-            )
+        try:  # the engine's own: a chat template that fails is the DataError/ModelError training would give
+            segments = record_segments(record, fmt, data_cfg, eos, render)
         except UserError as exc:
             answer["error"] = _error(exc)
             return answer
