@@ -265,6 +265,9 @@ def worker(args) -> int:
         "contender": args.worker, "shape": args.shape, "batch": s["batch"], "seq": s["seq"],
         "tokens_per_s": s["batch"] * s["seq"] * len(timed) / sum(timed),
         "step_s": sum(timed) / len(timed), "losses": losses, "settings": settings,
+        # Every step's time, and the median of the timed ones: one slow step moves the mean, not this.
+        "step_times_s": [round(t, 4) for t in times],
+        "tokens_per_s_median": s["batch"] * s["seq"] / sorted(timed)[len(timed) // 2],
     }
     if torch.cuda.is_available():
         result["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -278,14 +281,15 @@ def worker(args) -> int:
 
 def table(rows: list[dict]) -> str:
     by = {r["contender"]: r for r in rows if "tokens_per_s" in r}
-    lines = ["| contender | tokens/s | peak allocated GB | peak reserved GB | × seed | × Unsloth | settings |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| contender | tokens/s | tokens/s (median step) | peak allocated GB | peak reserved GB | × seed | × Unsloth | settings |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "tokens_per_s" not in r:
-            lines.append(f"| {r['contender']} | failed: {r.get('error', '')[:80]} | | | | | |")
+            lines.append(f"| {r['contender']} | failed: {r.get('error', '')[:80]} | | | | | | |")
             continue
         ratio = lambda ref: f"{r['tokens_per_s'] / by[ref]['tokens_per_s']:.2f}" if ref in by else "–"
-        lines.append(f"| {r['contender']} | {r['tokens_per_s']:,.0f} | {r.get('peak_allocated_gb', 0):.2f} | "
+        lines.append(f"| {r['contender']} | {r['tokens_per_s']:,.0f} | {r.get('tokens_per_s_median', 0):,.0f} | "
+                     f"{r.get('peak_allocated_gb', 0):.2f} | "
                      f"{r.get('peak_reserved_gb', 0):.2f} | {ratio('seed')} | {ratio('unsloth')} | {json.dumps(r.get('settings', {}))} |")
     return "\n".join(lines)
 

@@ -53,7 +53,14 @@ EIGHT_BIT_MIN_NUMEL = 4096  #: smaller tensors keep 32-bit states in the 8-bit o
 EIGHT_BIT_BLOCK = 256  #: elements per fp32 absmax of a blockwise 8-bit state
 
 # --- the engine (engine/trainer.py) ---------------------------------------------------------
-LOSS_CHUNK_TOKENS = 1024  #: tokens per output-head chunk of the ``chunked`` loss (trainer.LOSS_CHUNK_TOKENS)
+LOSS_CHUNK_TOKENS = 1024  #: at most this many tokens per output-head chunk of the ``chunked`` loss (as trainer.py)
+LOSS_LOGITS_BYTES = 128 << 20  #: and at most this much for a chunk's fp32 logits (as trainer.py)
+
+
+def loss_chunk_tokens(vocab_size: int) -> int:
+    """``trainer.loss_chunk_tokens``: tokens per chunk of the chunked loss."""
+    by_bytes = max(64, LOSS_LOGITS_BYTES // (4 * vocab_size) // 64 * 64)
+    return max(1, min(LOSS_CHUNK_TOKENS, by_bytes))
 LORA_BYTES = 4  #: PEFT keeps LoRA weights in fp32 over a 4-bit base and casts their input to fp32
 BNB_FUSED_MAX_TOKENS = 1536  #: above this many tokens bitsandbytes dequantizes, then runs F.linear
 DROPOUT_MASK_BYTES = 1  #: CUDA's fused dropout saves a bool mask
@@ -905,12 +912,12 @@ class _StepSimulation:
         selected = tl.alloc(c * n * h)  # index_select of the learned positions
         tl.free(shifted)
         grad_hidden = tl.keep(tl.alloc(c * n * h))
-        for start in range(0, n, LOSS_CHUNK_TOKENS):  # one chunk's logits alive at a time
-            k = min(LOSS_CHUNK_TOKENS, n - start)
+        chunk = loss_chunk_tokens(v)
+        for start in range(0, n, chunk):  # one chunk's logits alive at a time
+            k = min(chunk, n - start)
             low = tl.alloc(c * k * v, "loss")  # h @ W.T
-            logits = tl.alloc(4 * k * v, "loss")  # .float()
+            logits = tl.alloc(4 * k * v, "loss")  # .float(); the exponentials are written over it
             tl.free(low)
-            tl.free(tl.alloc(4 * k * v, "loss"))  # logsumexp's (logits - max).exp()
             probs_low = tl.alloc(c * k * v, "loss")  # the probabilities, computed in place, cast
             tl.free(tl.alloc(c * k * h), probs_low)  # @ W, copied into the gradient buffer
             tl.free(logits)

@@ -25,15 +25,20 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk]
             y = targets[start : start + chunk]
             logits = (h @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            # log-sum-exp as max + log(sum(exp(logits - max))), with the exponentials written over
+            # the logits: one chunk-sized fp32 buffer, no temporary beside it.
+            target = logits.gather(1, y[:, None]).squeeze(1)
+            peak = logits.amax(dim=-1, keepdim=True)
+            exp = logits.sub_(peak).exp_()
+            norm = exp.sum(dim=-1, keepdim=True)
+            total += (norm.log().add_(peak).squeeze(1) - target).sum()
             if grad_hidden is not None:
-                # d(loss)/d(logits) = softmax - onehot, computed in place over the logits.
-                probs = logits.sub_(lse[:, None]).exp_()
+                # d(loss)/d(logits) = softmax - onehot, in place over the exponentials.
+                probs = exp.div_(norm)
                 probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
                 grad_hidden[start : start + chunk] = probs.to(hidden.dtype) @ weight
                 del probs
-            del logits  # one chunk's logits alive at a time
+            del logits, exp  # one chunk's logits alive at a time
         ctx.save_for_backward(grad_hidden if grad_hidden is not None else hidden.new_empty(0))
         return total
 

@@ -20,10 +20,11 @@ def _loss_and_grads(demo_template, dropout: float, **train):
     cfg = C.replace(C.load(demo_template / "config.toml"), lora={"dropout": dropout},
                     train={"device": "cuda", "gradient_checkpointing": True, **train})
     model, tok, info = load_model(cfg, torch.device("cuda", 0), torch.bfloat16, demo_template)
-    # LoRA starts with B = 0, which leaves A's gradient 0: give B values, the same in every model.
+    # The same adapter values in every model (A is drawn at random when the adapter is made), and
+    # B not 0 (its starting value, which would leave A's gradient 0).
     g = torch.Generator().manual_seed(1)
     for name, p in sorted(model.named_parameters()):
-        if "lora_B" in name:
+        if p.requires_grad:
             p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
     model.train()
     data = load_dataset(cfg.data, tok, demo_template)

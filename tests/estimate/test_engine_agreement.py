@@ -78,3 +78,6 @@ def test_constants_the_simulation_shares_with_the_engine():
     from qlora_studio.engine import trainer
 
     assert E.LOSS_CHUNK_TOKENS == trainer.LOSS_CHUNK_TOKENS
+    for vocab in (300, 1024, 32000, 32768, 128256, 151936, 262144):
+        assert E.loss_chunk_tokens(vocab) == trainer.loss_chunk_tokens(vocab), vocab
+    assert trainer.loss_chunk_tokens(128256) == 256 and trainer.loss_chunk_tokens(32000) == 1024
