@@ -178,11 +178,14 @@ def _head_ce(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Te
     return F.cross_entropy(F.linear(h, weight).float(), y, reduction="sum")
 
 
-def accumulate(model, batches: list[dict[str, torch.Tensor]], cfg: RunConfig, device: torch.device, paging=None) -> float:
-    """Forward and backward over the micro-batches of one step; returns the step's loss.
+def accumulate(model, batches: list[dict[str, torch.Tensor]], cfg: RunConfig, device: torch.device,
+               paging=None) -> torch.Tensor:
+    """Forward and backward over the micro-batches of one step; returns the step's loss (0-dim).
 
     The loss of every micro-batch is divided by the learned tokens of the whole step, so the
-    accumulated gradient equals that of one batch holding all of them.
+    accumulated gradient equals that of one batch holding all of them. The loss stays a tensor:
+    reading it waits for the GPU, which the caller does after queueing the optimizer step, so the
+    host prepares the update while the GPU finishes the backward pass.
     """
     phase = paging.phase if paging is not None else (lambda name: contextlib.nullcontext())
     n_learned = max(1, sum(count_learned(b["labels"]) for b in batches))
@@ -194,7 +197,7 @@ def accumulate(model, batches: list[dict[str, torch.Tensor]], cfg: RunConfig, de
         with phase("backward"):
             loss.backward()
         total += loss.detach()
-    return float(total)
+    return total
 
 
 def update(params: list[torch.nn.Parameter], optimizer, scheduler, cfg: RunConfig, paging=None) -> tuple[float, float]:
@@ -217,7 +220,7 @@ def train_step(model, batches, params, optimizer, scheduler, cfg: RunConfig, dev
     """One optimizer step over ``batches``; returns (loss, grad_norm, lr)."""
     loss = accumulate(model, batches, cfg, device, paging)
     grad_norm, lr = update(params, optimizer, scheduler, cfg, paging)
-    return loss, grad_norm, lr
+    return float(loss), grad_norm, lr
 
 
 def logs_step(step: int, every: int) -> bool:
@@ -399,6 +402,7 @@ class Trainer:
                         self.events.emit("oom_recovered", step=step + 1, micro_batch_size=micro_batch, grad_accum_steps=accum)
                 step_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
                 grad_norm, lr = update(params, optimizer, scheduler, cfg, paging)
+                step_loss = float(step_loss)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 step += 1
