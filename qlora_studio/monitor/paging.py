@@ -25,7 +25,7 @@ each marker when it gets there, so a phase's interval spans the GPU work it laun
 faults that work causes, without draining the device between phases. Every ``flush(step)`` call
 records one marker more and gives the phases closed since the previous call that step.
 
-CUPTI is drained (``activity_flush_all``) at most once every ``flush_interval_s`` seconds (1 s by
+CUPTI is drained (``activity_flush_all``) at most once every ``flush_interval_s`` seconds (5 s by
 default), on ``flush(step, force=True)`` and at :meth:`CuptiPagingCollector.close`; a ``flush`` in
 between only records its marker and returns ``[]``. A draining flush first turns the waiting
 markers into CUPTI timestamps with one wait: it records an *anchor* event, waits for it, and reads
@@ -68,7 +68,7 @@ OTHER = "other"  # moves outside every bracketed phase
 UNAVAILABLE_PREFIX = "Paging counters unavailable: "
 
 _BUFFER_BYTES = 4 * 1024 * 1024
-_FLUSH_INTERVAL_S = 1.0  # CUPTI is drained at most this often, unless forced
+_FLUSH_INTERVAL_S = 5.0  # CUPTI is drained at most this often, unless forced (a drain costs ~20 ms)
 _KEEP_FLUSHES = 4  # draining flushes whose intervals stay known, for records that arrive late
 _MAX_WAITING = 4096  # markers waiting for a timestamp before a flush drains CUPTI regardless
 _FLUSH_FORCED = 1  # CUPTI_ACTIVITY_FLAG_FLUSH_FORCED

@@ -45,7 +45,7 @@ def _make(cupti, cuda=None, **kw):
 
 @pytest.fixture
 def collector(cupti, cuda, wall):
-    c = _make(cupti, cuda, now=wall)
+    c = _make(cupti, cuda, now=wall, flush_interval_s=1.0)  # the tests count in steps of one second
     assert c.unavailable is None, c.unavailable
     yield c
     c.close()
@@ -227,6 +227,18 @@ def test_async_work_is_credited_to_the_phase_that_launched_it(cupti, collector):
     _step(cupti, collector, forward=[(Kind.BYTES_TRANSFER_HTOD, 4 * MIB)], backward=[(Kind.GPU_PAGE_FAULT, 1)])
     assert collector.flush(1, force=True) == [_totals("forward", step=1, htod=4 * MIB),
                                               _totals("backward", step=1, faults=1)]
+
+
+def test_the_default_interval_keeps_drains_rare(cupti, cuda, wall):
+    c = _make(cupti, cuda, now=wall)  # a drain costs about 20 ms on an H200: 0.4% of 5 s
+    assert c.flush(0) == []
+    wall.advance(4.9)
+    c.flush(1)
+    assert cupti.flushes == 0
+    wall.advance(0.2)
+    c.flush(2)
+    assert cupti.flushes == 1
+    c.close()
 
 
 def test_flushes_within_the_interval_leave_cupti_alone_until_it_has_passed(cupti, collector, wall):
