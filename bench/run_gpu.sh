@@ -3,7 +3,8 @@
 #
 #   bash bench/run_gpu.sh OUT_DIR [PART ...]
 #
-# PART is any of: tests perf1b perf8b estimate monitor (default: tests perf1b). Wheels of packages
+# PART is any of: tests fastpaths perf1b perf8b estimate monitor (default: tests perf1b). fastpaths: the
+# engine's GPU tests only. QS_CONTENDERS / QS_CONTENDERS_8B choose the harness rows. Wheels of packages
 # the GPU machine lacks are taken from .whl/ (and the Unsloth peer from .peer/) when present:
 # `bash ../shared/device/wheels.sh --peer gguf` fills them. Logs and result files go to OUT_DIR.
 set -uo pipefail
@@ -30,7 +31,8 @@ for part in $parts; do
   case $part in
     tests) python3 -m pytest -m gpu tests/engine tests/monitor tests/estimate -v -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -40 ;;
     perf1b) python3 bench/perf_harness.py --shape 1b --contenders ${QS_CONTENDERS:-seed,engine,engine-peft-lora,engine-cupti,unsloth,engine-auto} --results "$out" ;;
-    perf8b) python3 bench/perf_harness.py --shape 8b --results "$out" ;;
+    fastpaths) python3 -m pytest -m gpu tests/engine -v -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -25 ;;
+    perf8b) python3 bench/perf_harness.py --shape 8b --contenders ${QS_CONTENDERS_8B:-seed,engine,unsloth,engine-auto} --results "$out" ;;
     estimate) python3 bench/estimate_accuracy.py ;;
     monitor) python3 bench/monitor_cost.py ;;
     *) echo "unknown part $part"; status=2 ;;
