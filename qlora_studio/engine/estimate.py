@@ -11,6 +11,9 @@ tensor by tensor -- every allocation and release, in order -- and reports the la
   or PEFT's layers, SDPA/eager attention, non-reentrant gradient checkpointing with its
   recomputation, the chunked or standard cross-entropy, gradient accumulation, the optimizer's
   states (paged ones live in CUDA unified memory and are reported apart);
+* the engine's GPU-only paths (``engine/model.py::gpu_fast_paths``), for a CUDA estimate: layer
+  inputs offloaded to CPU memory between forward and backward (``engine/offload.py``), an untied
+  input embedding in CPU memory, liger-kernel's fused RMSNorm, SwiGLU and RoPE where installed;
 * PyTorch's CUDA caching allocator, replayed over the same allocations, for the reserved memory
   (what fragmentation adds), and the CUDA context that NVML sees besides.
 
@@ -61,9 +64,49 @@ def loss_chunk_tokens(vocab_size: int) -> int:
     """``trainer.loss_chunk_tokens``: tokens per chunk of the chunked loss."""
     by_bytes = max(64, LOSS_LOGITS_BYTES // (4 * vocab_size) // 64 * 64)
     return max(1, min(LOSS_CHUNK_TOKENS, by_bytes))
+
+
 LORA_BYTES = 4  #: PEFT keeps LoRA weights in fp32 over a 4-bit base and casts their input to fp32
 BNB_FUSED_MAX_TOKENS = 1536  #: above this many tokens bitsandbytes dequantizes, then runs F.linear
 DROPOUT_MASK_BYTES = 1  #: CUDA's fused dropout saves a bool mask
+
+# --- the GPU-only paths (engine/model.py::gpu_fast_paths, engine/offload.py) --------------------
+
+
+@dataclass(frozen=True)
+class FusedKernels:
+    """What liger-kernel's patch for a model type replaces (``liger_kernel/transformers/monkey_patch.py``)."""
+
+    #: ``apply_rotary_pos_emb`` -> ``LigerRopeFunction``: q and k rotated where they are
+    rope: bool = True
+    #: ``LigerRMSNormFunction`` writes the input's gradient over the output's (``in_place``)
+    norm_in_place: bool = True
+    #: the q/k norms of the attention are patched too
+    qk_norm: bool = False
+
+
+#: The model types whose kernels the engine swaps when liger-kernel is installed: the gated MLP
+#: (SwiGLU, GEGLU for Gemma) and the RMSNorms everywhere, RoPE as stated. glm4 is left out:
+#: liger-kernel has no RoPE kernel for it and refuses ``rope=True``.
+FUSED_KERNELS: dict[str, FusedKernels] = {
+    **{t: FusedKernels() for t in ("llama", "mistral", "qwen2", "granite", "smollm3", "phi3", "gemma")},
+    "qwen3": FusedKernels(qk_norm=True),
+    "gemma2": FusedKernels(norm_in_place=False),
+    "gemma3": FusedKernels(norm_in_place=False, qk_norm=True),
+    "gemma3_text": FusedKernels(norm_in_place=False, qk_norm=True),
+    "olmo2": FusedKernels(norm_in_place=False),  # its q/k norms stay transformers'
+    "exaone4": FusedKernels(norm_in_place=False, qk_norm=True),
+}
+#: Model types whose input embedding is not a plain ``nn.Embedding`` (a scaled one, which
+#: ``offload.embeddings_on_cpu`` leaves on the GPU)
+SCALED_EMBEDDING_TYPES = frozenset({"gemma", "gemma2", "gemma3", "gemma3_text"})
+
+
+def embeddings_movable(info: ModelInfo) -> bool:
+    """Whether ``offload.embeddings_on_cpu`` moves this model's input embedding to CPU memory:
+    untied (a tied one is the output head too) and a plain ``nn.Embedding``."""
+    return not info.tie_word_embeddings and info.model_type not in SCALED_EMBEDDING_TYPES and info.embedding_params > 0
+
 
 # --- the process and the caching allocator ------------------------------------------------
 #: Driver context, kernel images loaded lazily during training, cuBLAS handles: what NVML shows
@@ -138,6 +181,9 @@ class Estimate:
     max_micro_batch: int | None = None
     max_seq_len: int | None = None
     notes: list[str] = field(default_factory=list)
+    #: pinned CPU memory the GPU-only paths use instead (a micro-batch's offloaded layer inputs,
+    #: the input embedding): not part of :attr:`peak`
+    cpu_pinned: int = 0
 
     def item(self, key: str) -> int:
         return sum(i.bytes for i in self.items if i.key == key)
@@ -161,6 +207,7 @@ class Estimate:
             "max_micro_batch": self.max_micro_batch,
             "max_seq_len": self.max_seq_len,
             "notes": list(self.notes),
+            "cpu_pinned": self.cpu_pinned,
         }
 
 
@@ -294,8 +341,8 @@ class _Timeline:
         self._tensors: dict[int, list] = {}  # handle -> [bytes, kind, references]
         self.granule = granule
         self._next = 1
-        #: (handle, bytes) for an allocation, (handle, 0) for a release: for the allocator replay
-        self.events: list[tuple[int, int]] | None = [] if record else None
+        #: (handle, bytes, stream) for an allocation, (handle, 0, 0) for a release: for the allocator replay
+        self.events: list[tuple[int, int, int]] | None = [] if record else None
         self.by_kind: dict[str, int] = dict(base)
         self.now = sum(base.values())
         self.phase = "forward"
@@ -305,7 +352,8 @@ class _Timeline:
         self._peak_kinds: dict[str, int] = {}
         self._at_peak = False  # nothing has changed since the last new peak
 
-    def alloc(self, nbytes: int, kind: str = "work") -> int:
+    def alloc(self, nbytes: int, kind: str = "work", stream: int = 0) -> int:
+        """A new tensor; ``stream`` 1 is a side stream (the caching allocator keeps its blocks apart)."""
         handle = self._next
         self._next = handle + 1
         granule = self.granule
@@ -313,7 +361,7 @@ class _Timeline:
         self._tensors[handle] = [nbytes, kind, 1]
         if nbytes:
             if self.events is not None:
-                self.events.append((handle, nbytes))
+                self.events.append((handle, nbytes, stream))
             self.now += nbytes
             self.by_kind[kind] = self.by_kind.get(kind, 0) + nbytes
             if self.now > self.phase_peaks.get(self.phase, -1):
@@ -334,9 +382,16 @@ class _Timeline:
                 if tensor[0]:
                     self._settle_peak()
                     if self.events is not None:
-                        self.events.append((handle, 0))
+                        self.events.append((handle, 0, 0))
                     self.now -= tensor[0]
                     self.by_kind[tensor[1]] -= tensor[0]
+
+    def ref(self, handle: int | None) -> int | None:
+        """One more reference to the tensor (a second name for it, an in-place result), its kind unchanged."""
+        tensor = self._tensors.get(handle)
+        if tensor is not None:
+            tensor[2] += 1
+        return handle
 
     def keep(self, handle: int | None) -> int | None:
         """Autograd saves the tensor for backward: one more reference, and it counts as activations."""
@@ -377,7 +432,9 @@ class _StepSimulation:
     (the base output cloned, the input cast to fp32 per adapter, dropout, lora_A, lora_B,
     scaling, cast back, add); bitsandbytes' ``MatMul4Bit``, which saves no input and dequantizes
     its weight for the input gradient; PyTorch's non-reentrant activation checkpointing, which
-    keeps each layer's input and recomputes the layer in backward; and the engine's ``loss_sum``.
+    keeps each layer's input and recomputes the layer in backward, or offload.py's, which keeps it
+    in CPU memory and recomputes the whole layer; liger-kernel's fused kernels when the engine uses
+    them; and the engine's ``loss_sum``.
     Autograd releases a saved tensor when the backward of the operation that saved it has run, and
     adds a second gradient for the same tensor into a new tensor.
 
@@ -397,6 +454,10 @@ class _StepSimulation:
         self.grads_present = False
         self.grad_handles: list[int] = []  # the LoRA gradients, released by zero_grad(set_to_none=True)
         self.checkpointing = settings["gradient_checkpointing"]
+        #: offload.py's checkpoint: layer inputs wait in CPU memory, a layer is recomputed whole
+        self.offload = self.checkpointing and settings["offload_checkpoints"] and self.cuda
+        #: liger-kernel's RMSNorm, SwiGLU/GEGLU and RoPE (engine/model.py::fused_kernels), or None
+        self.kernels = FUSED_KERNELS.get(info.model_type) if settings.get("fused_kernels") and self.cuda else None
         # transformers' gradient_checkpointing_enable() hooks the embeddings so that their output
         # requires a gradient: the first layer then saves and computes like every other one
         self.embeddings_need_grad = self.checkpointing
@@ -568,9 +629,21 @@ class _StepSimulation:
 
     # --- RMSNorm -------------------------------------------------------------------------------
 
-    def norm_forward(self, width: int, rows: int, input_grad: bool, keep: bool) -> tuple[int, dict[str, int]]:
-        """x.float(), pow, mean, + eps, rsqrt, product, cast back, times the (frozen) weight."""
+    def norm_forward(self, x: int | None, width: int, rows: int, input_grad: bool, keep: bool,
+                     fused: bool | None = None) -> tuple[int, dict[str, int]]:
+        """x.float(), pow, mean, + eps, rsqrt, product, cast back, times the (frozen) weight.
+
+        ``fused`` (default: whether the fused kernels are in use): liger-kernel's
+        ``LigerRMSNormFunction``, one kernel that writes the output and an fp32 1/RMS per row and
+        keeps those and its input ``x`` itself (not an fp32 copy) for backward.
+        """
         tl, c = self.tl, self.c
+        if self.kernels is not None if fused is None else fused:
+            out = tl.alloc(c * width * rows)
+            rs = tl.alloc(4 * rows)
+            saved = {"x": tl.keep(x), "rs": tl.keep(rs)} if input_grad and keep else {}
+            tl.free(rs)
+            return out, saved
         x32 = tl.alloc(4 * width * rows)
         sq = tl.alloc(4 * width * rows)
         var = tl.alloc(4 * rows)
@@ -590,8 +663,14 @@ class _StepSimulation:
         tl.free(low)
         return out, self._saved(saved, keep)
 
-    def norm_backward(self, width: int, rows: int, saved: dict[str, int]) -> int:
+    def norm_backward(self, grad: int, width: int, rows: int, saved: dict[str, int]) -> int:
+        """The input's gradient; ``grad`` (the output's) belongs to the caller."""
         tl, c = self.tl, self.c
+        if "x" in saved:  # liger-kernel's: in place over ``grad``, or into a new tensor (zeros_like)
+            assert self.kernels is not None
+            out = tl.ref(grad) if self.kernels.norm_in_place else tl.alloc(c * width * rows)
+            tl.free(*saved.values())
+            return out
         g_low = tl.alloc(c * width * rows)  # through the weight product
         g32 = tl.alloc(4 * width * rows)  # through the cast
         tl.free(g_low)
@@ -630,6 +709,17 @@ class _StepSimulation:
         tl.free(with_cos, with_sin)
         return out
 
+    def _fused_rope_backward(self, width: int, grad: int, copy: bool) -> int:
+        """``LigerRopeFunction``'s backward rotates the gradient where it is, after making it
+        contiguous in (batch, position, head) order: a copy unless the attention kernel returned it
+        that way (FlashAttention and the memory-efficient kernel do; repeat_kv's sum and eager's
+        products do not)."""
+        if not copy:
+            return grad
+        g = self.tl.alloc(self.c * width * self.t)
+        self.tl.free(grad)
+        return g
+
     def _rope_backward(self, width: int, grad: int) -> int:
         tl, t, c = self.tl, self.t, self.c
         g_sin = tl.alloc(c * width * t)
@@ -657,13 +747,21 @@ class _StepSimulation:
             k, state["linears"]["k_proj"] = self.linear_forward("k_proj", x, input_grad, keep)
             v, state["linears"]["v_proj"] = self.linear_forward("v_proj", x, input_grad, keep)
         if info.qk_norm:
-            q_n, state["qk_norm"]["q"] = self.norm_forward(*self._qk_norm_shape(info.heads), True, keep)
-            k_n, state["qk_norm"]["k"] = self.norm_forward(*self._qk_norm_shape(info.kv_heads), True, keep)
+            fused = self.kernels is not None and self.kernels.qk_norm
+            q_n, state["qk_norm"]["q"] = self.norm_forward(q, *self._qk_norm_shape(info.heads), True, keep, fused)
+            k_n, state["qk_norm"]["k"] = self.norm_forward(k, *self._qk_norm_shape(info.kv_heads), True, keep, fused)
             tl.free(q, k)
             q, k = q_n, k_n
-        q_rot = self._rope(q_w)
-        k_rot = self._rope(kv_w)
-        tl.free(q, k)
+        if self.kernels is not None and self.kernels.rope:
+            # LigerRopeFunction rotates q and k where they are; slices of a fused qkv output are
+            # made contiguous first (copies). It keeps only cos and sin.
+            if q is None:
+                q, k = tl.alloc(c * q_w * t), tl.alloc(c * kv_w * t)
+            q_rot, k_rot = q, k
+        else:
+            q_rot = self._rope(q_w)
+            k_rot = self._rope(kv_w)
+            tl.free(q, k)
         kernel = self.kernel()
         kept = [q_rot, k_rot, v]
         per_seq = shape.batch * shape.seq * shape.seq
@@ -738,11 +836,15 @@ class _StepSimulation:
             else:
                 dk, dv = dk_full, dv_full
         tl.free(g_out, *state["attention"])
-        g_k = self._rope_backward(kv_w, dk)
-        g_q = self._rope_backward(q_w, dq)
+        if self.kernels is not None and self.kernels.rope:
+            g_k = self._fused_rope_backward(kv_w, dk, kernel == "eager" or (kernel == "efficient" and grouped))
+            g_q = self._fused_rope_backward(q_w, dq, kernel == "eager")
+        else:
+            g_k = self._rope_backward(kv_w, dk)
+            g_q = self._rope_backward(q_w, dq)
         if info.qk_norm:
-            g_k = self._replace(g_k, self.norm_backward(*self._qk_norm_shape(info.kv_heads), state["qk_norm"]["k"]))
-            g_q = self._replace(g_q, self.norm_backward(*self._qk_norm_shape(info.heads), state["qk_norm"]["q"]))
+            g_k = self._replace(g_k, self.norm_backward(g_k, *self._qk_norm_shape(info.kv_heads), state["qk_norm"]["k"]))
+            g_q = self._replace(g_q, self.norm_backward(g_q, *self._qk_norm_shape(info.heads), state["qk_norm"]["q"]))
         if "qkv_proj" in saved:
             g_qkv = tl.alloc(c * (q_w + 2 * kv_w) * t)  # the three gradients, concatenated
             tl.free(g_q, g_k, dv)
@@ -764,16 +866,30 @@ class _StepSimulation:
         the last tensor the layer saves (then there is no output)."""
         tl, t, c, i = self.tl, self.t, self.c, self.info.intermediate_size
         saved: dict[str, Any] = {}
-        if "gate_up_proj" in self.linear:
+        if self.kernels is not None:
+            # liger-kernel's LigerSiLUMulFunction (GEGLU's alike): one kernel writes act(gate) * up
+            # and keeps gate and up; the halves of a fused gate_up output are made contiguous first
+            if "gate_up_proj" in self.linear:
+                gate_up, saved["gate_up_proj"] = self.linear_forward("gate_up_proj", x, True, keep)
+                gate, up = tl.alloc(c * i * t), tl.alloc(c * i * t)
+                prod = tl.alloc(c * i * t)
+                tl.free(gate_up)
+            else:
+                gate, saved["gate_proj"] = self.linear_forward("gate_proj", x, True, keep)
+                up, saved["up_proj"] = self.linear_forward("up_proj", x, True, keep)
+                prod = tl.alloc(c * i * t)
+            kept = [gate, up]
+        elif "gate_up_proj" in self.linear:
             gate_up, saved["gate_up_proj"] = self.linear_forward("gate_up_proj", x, True, keep)
             act = tl.alloc(c * i * t)  # silu(gate) keeps its input: the fused output
             kept = [gate_up, act]
+            prod = tl.alloc(c * i * t)
         else:
             gate, saved["gate_proj"] = self.linear_forward("gate_proj", x, True, keep)
             act = tl.alloc(c * i * t)  # silu keeps its input
             up, saved["up_proj"] = self.linear_forward("up_proj", x, True, keep)
             kept = [gate, act, up]  # the product keeps both factors
-        prod = tl.alloc(c * i * t)
+            prod = tl.alloc(c * i * t)
         if keep:
             for handle in kept:
                 tl.keep(handle)
@@ -792,6 +908,8 @@ class _StepSimulation:
         """``grad`` belongs to the caller."""
         tl, t, c, i = self.tl, self.t, self.c, self.info.intermediate_size
         g_prod = self.linear_backward("down_proj", saved["down_proj"], grad, True)
+        if self.kernels is not None:
+            return self._fused_mlp_backward(g_prod, saved)
         g_act, g_up = tl.alloc(c * i * t), tl.alloc(c * i * t)
         tl.free(g_prod)
         if "gate_up_proj" in self.linear:
@@ -812,6 +930,23 @@ class _StepSimulation:
         tl.free(g_gate)
         return self._accumulate(g_x, g_x2)
 
+    def _fused_mlp_backward(self, g_prod: int, saved: dict[str, Any]) -> int:
+        """liger-kernel's backward writes the gradients of gate and up over the saved gate and up."""
+        tl, t, c, i = self.tl, self.t, self.c, self.info.intermediate_size
+        gate, up = saved["mlp"]
+        tl.free(g_prod)
+        if "gate_up_proj" in self.linear:
+            g_gu = tl.alloc(2 * c * i * t)  # the two halves, concatenated
+            tl.free(gate, up)
+            g_x = self.linear_backward("gate_up_proj", saved["gate_up_proj"], g_gu, True)
+            tl.free(g_gu)
+            return g_x
+        g_x = self.linear_backward("up_proj", saved["up_proj"], up, True)
+        tl.free(up)
+        g_x2 = self.linear_backward("gate_proj", saved["gate_proj"], gate, True)
+        tl.free(gate)
+        return self._accumulate(g_x, g_x2)
+
     def layer_forward(self, x: int, input_grad: bool, keep: bool, recompute: bool = False) -> tuple[int | None, dict[str, Any]]:
         """One decoder layer on the residual stream ``x``: norm, attention, add, norm, MLP, add.
 
@@ -821,14 +956,14 @@ class _StepSimulation:
         tl, t, c, h = self.tl, self.t, self.c, self.info.hidden_size
         post = self.info.norms_per_layer > 2
         saved: dict[str, Any] = {}
-        n1, saved["n1"] = self.norm_forward(h, t, input_grad, keep)
+        n1, saved["n1"] = self.norm_forward(x, h, t, input_grad, keep)
         attn, saved["attn"] = self.attention_forward(n1, input_grad, keep)
         tl.free(n1)
         if post:
             attn = self._post(attn, saved, "post_attn", keep)
         h1 = tl.alloc(c * h * t)
         tl.free(attn)
-        n2, saved["n2"] = self.norm_forward(h, t, True, keep)
+        n2, saved["n2"] = self.norm_forward(h1, h, t, True, keep)
         mlp, saved["mlp"] = self.mlp_forward(n2, keep, recompute)
         tl.free(n2)
         if post:
@@ -841,28 +976,29 @@ class _StepSimulation:
         return out, saved
 
     def _post(self, x: int | None, saved: dict[str, Any], key: str, keep: bool) -> int:
-        out, saved[key] = self.norm_forward(self.info.hidden_size, self.t, True, keep)
+        out, saved[key] = self.norm_forward(x, self.info.hidden_size, self.t, True, keep)
         self.tl.free(x)
         return out
 
     def layer_backward(self, grad: int, saved: dict[str, Any], input_grad: bool) -> int | None:
         """Returns the gradient of the layer's input: the residual stream's, with both branches added."""
         tl, h, t = self.tl, self.info.hidden_size, self.t
-        g = self.norm_backward(h, t, saved["post_mlp"]) if saved.get("post_mlp") else grad
+        post_mlp, post_attn = saved.get("post_mlp"), saved.get("post_attn")
+        g = self.norm_backward(grad, h, t, post_mlp) if post_mlp else grad
         g_n2 = self.mlp_backward(g, saved["mlp"])
-        if g != grad:
+        if post_mlp:
             tl.free(g)
-        g_h1 = self.norm_backward(h, t, saved["n2"])
+        g_h1 = self.norm_backward(g_n2, h, t, saved["n2"])
         tl.free(g_n2)
         grad = self._accumulate(grad, g_h1)
-        g = self.norm_backward(h, t, saved["post_attn"]) if saved.get("post_attn") else grad
+        g = self.norm_backward(grad, h, t, post_attn) if post_attn else grad
         g_n1 = self.attention_backward(g, saved["attn"], input_grad)
-        if g != grad:
+        if post_attn:
             tl.free(g)
         if not input_grad:
             tl.free(grad)
             return None
-        g_x = self.norm_backward(h, t, saved["n1"])
+        g_x = self.norm_backward(g_n1, h, t, saved["n1"])
         tl.free(g_n1)
         return self._accumulate(grad, g_x)
 
@@ -952,6 +1088,7 @@ class _StepSimulation:
         if kernel != "flash":  # the 4-D mask: boolean for SDPA, additive for eager
             batch.append(tl.alloc((1 if kernel == "efficient" else c) * shape.batch * shape.seq * shape.seq, "activations"))
         x = tl.alloc(c * h * t)  # the embeddings
+        embedded = tl.ref(x)  # the decoder's forward holds them (inputs_embeds) until it returns
         inputs, saved, kept_by_layer = [], [], 0
         for index in range(layers):
             input_grad = index > 0 or self.embeddings_need_grad
@@ -960,19 +1097,20 @@ class _StepSimulation:
                 continue
             before = tl.now
             out, layer_saved = self.layer_forward(x, input_grad, keep=not self.checkpointing)
-            if self.checkpointing:  # the checkpoint keeps the layer's input
+            if self.checkpointing and not self.offload:  # the checkpoint keeps the layer's input
                 inputs.append(tl.keep(x))
-            tl.free(x)
+            tl.free(x)  # offloaded: copied to pinned CPU memory, the GPU copy goes with its last reference
             saved.append(layer_saved)
             if index == 1:
                 kept_by_layer = tl.now - before  # its kept tensors (its output replaced its input)
             x = out
-        final, final_saved = self.norm_forward(h, t, True, True)
-        tl.free(x)
+        final, final_saved = self.norm_forward(x, h, t, True, True)
+        tl.free(x, embedded)
         g = self.loss(final)
-        g = self._replace(g, self.norm_backward(h, t, final_saved))
+        g = self._replace(g, self.norm_backward(g, h, t, final_saved))
         tl.phase = "layer backward"
         grads = sum(self._grad_bytes(lin) for lin in info.linears if lin.name in self.targeted)
+        prefetched = None  # offloaded: the next layer's input, fetched back while this one recomputes
         for index in reversed(range(layers)):
             input_grad = index > 0 or self.embeddings_need_grad
             layer_saved = saved[index]
@@ -980,6 +1118,18 @@ class _StepSimulation:
                 tl.free(layer_saved)
                 if not self.grads_present:
                     self.grad_handles.append(tl.alloc(grads, "gradients"))
+                continue
+            if self.offload:
+                # offload.py: the input comes back to the GPU (on the side stream; already there when
+                # the layer after fetched it), the previous layer's input is fetched, the whole layer
+                # runs again and backward goes through it. The backward function holds the incoming
+                # gradient and the recomputed output until it returns.
+                layer_input = prefetched if prefetched is not None else tl.alloc(c * h * t, "activations", stream=1)
+                prefetched = tl.alloc(c * h * t, "activations", stream=1) if index > 0 else None
+                held = tl.ref(g)
+                out, layer_saved = self.layer_forward(layer_input, input_grad, keep=True)
+                g = self.layer_backward(g, layer_saved, input_grad=input_grad)
+                tl.free(layer_input, out, held)
                 continue
             if self.checkpointing:
                 # the recomputation starts when backward first needs a saved tensor: in down_proj's
@@ -1012,8 +1162,9 @@ class _CachingAllocator:
     20 MiB segments, larger ones from segments of their own size rounded up to 2 MiB. A request
     takes the smallest cached free block that fits; the rest is split off when it is at least
     512 bytes (small pool) or more than 1 MiB (large pool). Freed blocks merge with free
-    neighbours in their segment. Segments are never given back, so reserved memory only grows:
-    what fragmentation costs is the difference to the allocated bytes.
+    neighbours in their segment. A block serves only the stream it was allocated on, so each stream
+    has its own pools. Segments are never given back, so reserved memory only grows: what
+    fragmentation costs is the difference to the allocated bytes.
     """
 
     SMALL = 1 << 20
@@ -1025,18 +1176,18 @@ class _CachingAllocator:
     def __init__(self) -> None:
         self.reserved = 0
         self._segments = 0
-        self._free: dict[bool, list[tuple[int, int, int]]] = {True: [], False: []}  # (size, segment, offset)
+        self._free: dict[tuple[int, bool], list[tuple[int, int, int]]] = {}  # (stream, small) -> (size, segment, offset)
         self._block_at: dict[tuple[int, int], int] = {}  # (segment, offset) -> size, every block
         self._free_at: set[tuple[int, int]] = set()
         self._free_ending: dict[tuple[int, int], int] = {}  # (segment, end) -> offset, free blocks
-        self._small_segment: dict[int, bool] = {}
+        self._segment_pool: dict[int, tuple[int, bool]] = {}  # segment -> (stream, small)
         self._segment_size: dict[int, int] = {}
         self._live: dict[int, tuple[int, int]] = {}  # handle -> (segment, offset)
 
-    def malloc(self, handle: int, size: int) -> None:
+    def malloc(self, handle: int, size: int, stream: int = 0) -> None:
         size = _granule(size)
         small = size <= self.SMALL
-        pool = self._free[small]
+        pool = self._free.setdefault((stream, small), [])
         index = bisect.bisect_left(pool, (size, -1, -1))
         if index < len(pool):
             block_size, segment, offset = pool.pop(index)
@@ -1051,7 +1202,7 @@ class _CachingAllocator:
                 block_size = _ceil_div(size, self.LARGE_ROUND) * self.LARGE_ROUND
             segment, offset = self._segments, 0
             self._segments += 1
-            self._small_segment[segment] = small
+            self._segment_pool[segment] = (stream, small)
             self._segment_size[segment] = block_size
             self.reserved += block_size
         rest = block_size - size
@@ -1078,13 +1229,13 @@ class _CachingAllocator:
         self._block_at[(segment, offset)] = size
         self._free_at.add((segment, offset))
         self._free_ending[(segment, offset + size)] = offset
-        bisect.insort(self._free[self._small_segment[segment]], (size, segment, offset))
+        bisect.insort(self._free[self._segment_pool[segment]], (size, segment, offset))
 
     def _take_free(self, segment: int, offset: int) -> int:
         size = self._block_at.pop((segment, offset))
         self._free_at.discard((segment, offset))
         del self._free_ending[(segment, offset + size)]
-        pool = self._free[self._small_segment[segment]]
+        pool = self._free[self._segment_pool[segment]]
         pool.pop(bisect.bisect_left(pool, (size, segment, offset)))
         return size
 
@@ -1098,7 +1249,7 @@ def _load_weights(tl: _Timeline, info: ModelInfo, targets: tuple[Linear, ...], s
     """
     c = DTYPE_BYTES[s["compute_dtype"]]
     h = info.hidden_size
-    tl.alloc(c * info.embedding_params, "weights_16bit")
+    embedding = tl.alloc(c * info.embedding_params, "weights_16bit")
 
     def quantized(lin: Linear) -> None:
         n = lin.params
@@ -1134,14 +1285,16 @@ def _load_weights(tl: _Timeline, info: ModelInfo, targets: tuple[Linear, ...], s
         for _ in range(lin.count):
             tl.alloc(LORA_BYTES * s["lora_r"] * lin.in_features, "lora")
             tl.alloc(LORA_BYTES * s["lora_r"] * lin.out_features, "lora")
+    if s["embeddings_on_cpu"]:  # gpu_fast_paths moves it once the model is built; its block stays cached
+        tl.free(embedding)
 
 
-def _reserved(events: list[tuple[int, int]]) -> int:
+def _reserved(events: list[tuple[int, int, int]]) -> int:
     """Reserved bytes after these allocations and releases, by the caching allocator's rules."""
     allocator = _CachingAllocator()
-    for handle, nbytes in events:
+    for handle, nbytes, stream in events:
         if nbytes:
-            allocator.malloc(handle, nbytes)
+            allocator.malloc(handle, nbytes, stream)
         else:
             allocator.free(handle)
     return allocator.reserved
@@ -1151,8 +1304,28 @@ def _reserved(events: list[tuple[int, int]]) -> int:
 # The estimate
 
 
-def _settings(run: RunConfig, seq: int | None = None, batch: int | None = None, **overrides: Any) -> dict[str, Any]:
+def liger_installed() -> bool:
+    """Whether liger-kernel can be imported in this environment (without importing it).
+
+    The engine's fused kernels (``train.fused_kernels``) need it in the training worker's
+    environment, which is this one when the estimate runs in the app or on the command line.
+    """
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("liger_kernel") is not None
+    except (ImportError, ValueError):  # a broken install: the engine falls back too
+        return False
+
+
+def _settings(run: RunConfig, seq: int | None = None, batch: int | None = None, *, liger: bool | None = None,
+              **overrides: Any) -> dict[str, Any]:
+    """The settings the simulation reads. The GPU-only paths (``engine/model.py::gpu_fast_paths``)
+    are on only for a CUDA estimate, as the engine switches them on only on a GPU; the fused kernels
+    only where liger-kernel is installed (``liger``: whether it is, None to look)."""
     t = run.train
+    cuda = overrides.get("device", "cuda") == "cuda"
+    fused_kernels = cuda and bool(getattr(t, "fused_kernels", False))
     settings = {
         "micro_batch_size": batch or t.micro_batch_size,
         "seq_len": seq or run.data.max_seq_len,
@@ -1167,6 +1340,10 @@ def _settings(run: RunConfig, seq: int | None = None, batch: int | None = None, 
         "lora_dropout": run.lora.dropout,
         "target_modules": list(run.lora.target_modules),
         "fused_lora": bool(getattr(t, "fused_lora", False)),
+        # with gradient checkpointing only: the simulation checks both
+        "offload_checkpoints": cuda and bool(getattr(t, "offload_checkpoints", False)),
+        "embeddings_on_cpu": cuda and bool(getattr(t, "embeddings_on_cpu", False)),
+        "fused_kernels": fused_kernels and (liger_installed() if liger is None else bool(liger)),
         "padded": False,
         "device": "cuda",
     }
@@ -1205,6 +1382,7 @@ def _simulate(info: ModelInfo, s: dict[str, Any], replay: bool) -> Estimate:
     sizes = lora_tensors(targets, s["lora_r"])
     opt = optimizer_bytes(s["optimizer"], sizes)
     accumulating = s["grad_accum_steps"] > 1
+    sixteen_bit = info.unquantized_params - (info.embedding_params if s["embeddings_on_cpu"] else 0)
 
     granule = ALLOCATION_GRANULE if cuda else 1
     if replay:
@@ -1215,7 +1393,7 @@ def _simulate(info: ModelInfo, s: dict[str, Any], replay: bool) -> Estimate:
                 tl.alloc(state, "optimizer")
     else:
         tl = _Timeline({
-            "weights_4bit": q.packed, "quant_constants": q.constants, "weights_16bit": c * info.unquantized_params,
+            "weights_4bit": q.packed, "quant_constants": q.constants, "weights_16bit": c * sixteen_bit,
             "lora": sum(_granule(LORA_BYTES * n) for n in sizes), "optimizer": opt.device,
         }, granule=granule)
     if cuda:  # cuBLAS's workspaces, from the first products of forward and backward on
@@ -1243,8 +1421,14 @@ def _simulate(info: ModelInfo, s: dict[str, Any], replay: bool) -> Estimate:
     items = [Item(key, LABELS[key], kinds.get(key, 0)) for key in LABELS]
     if not s["double_quant"]:
         items[1] = Item("quant_constants", "4-bit constants (fp32 absmax)", kinds.get("quant_constants", 0))
+    if s["embeddings_on_cpu"]:
+        items[2] = Item("weights_16bit", "16-bit weights (output head, norms; embeddings in CPU memory)",
+                        kinds.get("weights_16bit", 0))
+    pinned = c * info.embedding_params if s["embeddings_on_cpu"] else 0
+    if sim.offload:
+        pinned += info.layers * c * info.hidden_size * shape.tokens
     return Estimate(info, s, items, tl.peak_phase, allocated, allocated + kinds.get("allocator", 0),
-                    sum(i.bytes for i in items), opt.paged, dict(tl.phase_peaks))
+                    sum(i.bytes for i in items), opt.paged, dict(tl.phase_peaks), cpu_pinned=pinned)
 
 
 def _halves(nbytes: int) -> tuple[int, ...]:
@@ -1261,6 +1445,7 @@ def estimate(
     padded: bool = False,
     device: str = "cuda",
     suggest: bool = True,
+    liger: bool | None = None,
 ) -> Estimate:
     """The peak GPU memory of training ``run`` on the model of ``model_config`` (its config.json).
 
@@ -1269,15 +1454,23 @@ def estimate(
     every position as learned (the worst case). ``padded`` adds what batches of unequal lengths
     cost on top: SDPA then attends through a mask with a kernel that saves more. ``device="cpu"``
     models PyTorch's CPU kernels instead (no context, no allocator): the tests check the model
-    against real runs with it.
+    against real runs with it. The engine's GPU-only paths (``train.offload_checkpoints``,
+    ``train.embeddings_on_cpu``, ``train.fused_kernels``) count only for ``device="cuda"``, the
+    fused kernels only where liger-kernel is installed (``liger``: whether it is; None looks).
     """
     info = model_config if isinstance(model_config, ModelInfo) else describe(model_config)
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', not {device!r}")
-    settings = _settings(run, padded=padded, device=device)
+    settings = _settings(run, padded=padded, device=device, liger=liger)
+    settings["embeddings_on_cpu"] = settings["embeddings_on_cpu"] and embeddings_movable(info)
+    fused_wanted = device == "cuda" and bool(getattr(run.train, "fused_kernels", False)) and info.model_type in FUSED_KERNELS
+    settings["fused_kernels"] = settings["fused_kernels"] and info.model_type in FUSED_KERNELS
     result = _simulate(info, settings, replay=True)
     result.gpu_total, result.gpu_free = gpu_total, gpu_free
     result.notes = list(info.notes) + _notes(info, settings)
+    if fused_wanted and not settings["fused_kernels"]:
+        result.notes.append("liger-kernel is not installed, so training runs without its fused kernels "
+                            "(train.fused_kernels); with it (pip install liger-kernel) a step needs less")
     available = gpu_free if gpu_free is not None else gpu_total
     if available is not None:
         result.verdict, result.reason = verdict(result, available, gpu_total)
@@ -1504,6 +1697,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def gpu_paths(s: dict[str, Any]) -> list[str]:
+    """The engine's GPU-only paths that this estimate counts, in words."""
+    paths = []
+    if s.get("offload_checkpoints") and s["gradient_checkpointing"]:
+        paths.append("checkpointed layer inputs in CPU memory")
+    if s.get("embeddings_on_cpu"):
+        paths.append("input embedding in CPU memory")
+    if s.get("fused_kernels"):
+        paths.append("liger-kernel's RMSNorm, SwiGLU and RoPE")
+    return paths
+
+
 def format_report(result: Estimate, model_name: str = "", gpu_name: str | None = None) -> str:
     """The estimate as a readable table with the verdict and suggestions."""
     info, s = result.model, result.settings
@@ -1518,6 +1723,9 @@ def format_report(result: Estimate, model_name: str = "", gpu_name: str | None =
         f"{'on' if s['gradient_checkpointing'] else 'off'}, {s['attention']} attention, {s['loss_impl']} loss, "
         f"LoRA r={s['lora_r']} on {len({t.name for t in targets})} projections ({trainable / 1e6:.1f} M trainable), {s['optimizer']}"
     )
+    paths = gpu_paths(s)
+    if paths:
+        lines.append("GPU paths " + ", ".join(paths))
     lines.append("")
     width = max(len(i.label) for i in result.items) + 2
     for item in result.items:
@@ -1526,6 +1734,9 @@ def format_report(result: Estimate, model_name: str = "", gpu_name: str | None =
     lines.append(f"  {'peak (' + result.phase + ')':<{width}}{result.peak / GiB:>9.2f} GiB")
     if result.paged:
         lines.append(f"  {'+ paged optimizer states':<{width}}{result.paged / GiB:>9.2f} GiB  (unified memory; moves to CPU RAM when the GPU is full)")
+    if result.cpu_pinned:
+        moved = [p for p in paths if "CPU memory" in p]
+        lines.append(f"  {'pinned CPU memory instead':<{width}}{result.cpu_pinned / GiB:>9.2f} GiB  (not on the GPU: {', '.join(moved)})")
     lines.append("")
     if result.verdict is None:
         lines.append("Verdict   none: no GPU found (NVML); give --gpu-memory GB to judge against a card")

@@ -48,3 +48,15 @@ def test_fragmentation_grows_reserved_memory():
     a = replay(("a", "s", 30 * MiB), ("f", "s"), ("a", "p", 10 * MiB), ("a", "mid", 10 * MiB), ("a", "q", 10 * MiB),
                ("f", "p"), ("f", "q"), ("a", "big", 20 * MiB))
     assert a.reserved == 50 * MiB
+
+
+def test_each_stream_has_its_own_pools():
+    def run(second_stream: int) -> int:
+        allocator = _CachingAllocator()
+        allocator.malloc(0, 16 * MiB, stream=1)  # e.g. a layer input fetched back on a side stream
+        allocator.free(0)
+        allocator.malloc(1, 16 * MiB, stream=second_stream)
+        return allocator.reserved
+
+    assert run(1) == 16 * MiB  # the same stream reuses the cached block
+    assert run(0) == 32 * MiB  # another stream cannot: a new segment
