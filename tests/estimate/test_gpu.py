@@ -26,11 +26,16 @@ def model_folder(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("checkpointing, loss, fused", [
-    (True, "chunked", True), (False, "chunked", True), (True, "standard", False), (False, "standard", False),
+# The GPU-only paths come last: liger-kernel's patch also replaces transformers' classes for models
+# built later in the process, which the cases without it must not get.
+@pytest.mark.parametrize("checkpointing, loss, fused, fast", [
+    (True, "chunked", True, False), (False, "chunked", True, False), (True, "standard", False, False),
+    (False, "standard", False, False), (True, "chunked", True, True), (False, "chunked", True, True),
 ])
-def test_estimate_matches_a_cuda_step(model_folder, checkpointing, loss, fused):
-    from qlora_studio.engine.model import attach_lora, load_base
+def test_estimate_matches_a_cuda_step(model_folder, checkpointing, loss, fused, fast):
+    """``fast``: the GPU-only paths of engine/model.py (offloaded checkpoints, the untied embedding in
+    CPU memory, liger-kernel's kernels when installed), as load_model switches them on."""
+    from qlora_studio.engine.model import attach_lora, gpu_fast_paths, load_base
     from qlora_studio.engine.modelinfo import read_model_config
     from qlora_studio.engine.trainer import build_optimizer, build_scheduler, train_step
 
@@ -38,11 +43,14 @@ def test_estimate_matches_a_cuda_step(model_folder, checkpointing, loss, fused):
         "model": {"name_or_path": str(model_folder)},
         "data": {"max_seq_len": 1024},
         "train": {"micro_batch_size": 4, "grad_accum_steps": 1, "gradient_checkpointing": checkpointing,
-                  "loss_impl": loss, "fused_lora": fused, "device": "cuda"},
+                  "loss_impl": loss, "fused_lora": fused, "device": "cuda", "offload_checkpoints": fast,
+                  "embeddings_on_cpu": fast, "fused_kernels": fast},
     })
     device = torch.device("cuda", 0)
     torch.cuda.empty_cache()
     model, _ = attach_lora(load_base(str(model_folder), cfg, device, torch.bfloat16), cfg)
+    paths = gpu_fast_paths(model, cfg, device)
+    assert ("embeddings_on_cpu" in paths) is fast
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
@@ -55,6 +63,6 @@ def test_estimate_matches_a_cuda_step(model_folder, checkpointing, loss, fused):
                    params, optimizer, scheduler, cfg, device)
     torch.cuda.synchronize()
     allocated = torch.cuda.max_memory_allocated()
-    est = E.estimate(read_model_config(str(model_folder)), cfg, suggest=False)
+    est = E.estimate(read_model_config(str(model_folder)), cfg, suggest=False, liger="fused_kernels" in paths)
     assert est.allocated == pytest.approx(allocated, rel=0.05), (est.allocated / 2**20, allocated / 2**20)
     del model, optimizer, params
