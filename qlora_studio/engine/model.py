@@ -404,7 +404,14 @@ def fused_kernels(model) -> bool:
         return False
     wanted = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
     accepted = inspect.signature(apply).parameters
-    apply(model=model, **{k: v for k, v in wanted.items() if k in accepted})
+    kwargs = {k: v for k, v in wanted.items() if k in accepted}
+    try:
+        apply(model=model, **kwargs)
+    except NotImplementedError:
+        # Some architectures have no fused RoPE (liger says so before patching anything).
+        if not kwargs.get("rope"):
+            raise
+        apply(model=model, **{**kwargs, "rope": False})
     return True
 
 
