@@ -22,6 +22,8 @@ def test_demo_trains_on_cuda_with_bf16_and_paged_adamw(demo_template, tmp_path):
     assert outcome.status == "finished"
     started = evts[0]
     assert started["device"]["kind"] == "cuda" and started["device"]["compute_dtype"] == "bfloat16"
+    # The GPU paths are on by default (the demo's embedding is untied, so it waits in CPU memory).
+    assert {"offload_checkpoints", "embeddings_on_cpu"} <= set(started["model"]["fast_paths"])
     steps = [e for e in evts if e["type"] == "step"]
     assert steps[-1]["loss"] < 0.5 * steps[0]["loss"]
     assert all(e["mem_allocated"] > 0 and e["mem_peak"] >= e["mem_allocated"] for e in steps)
