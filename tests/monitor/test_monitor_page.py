@@ -92,10 +92,27 @@ def test_a_recorded_run_fills_the_timeline_table_and_status(make_page):
     paging = [e for e in events.read(RUN) if e["type"] == "paging"]
     points = page.paging_markers.points()
     assert [p.data() for p in points] == [describe_paging(e) for e in paging]
-    assert [p.pos().x() for p in points] == [e["time"] for e in paging]
+    ends = {e["step"]: e["time"] for e in events.read(RUN) if e["type"] == "step"}
+    assert [p.pos().x() for p in points] == [ends[e["step"]] for e in paging]  # placed at their steps
     x, y = page.curves["allocated"].getData()
     assert len(x) == 6 and y[-1] == pytest.approx(3.3)
     assert "peak 6.20 GiB" in page.summary.text()
+
+
+def test_a_paging_event_that_comes_late_is_placed_at_its_step(make_page):
+    page, _ = make_page()
+    page.on_event(events.make("run_started", run_dir="r", config={}, model={}, device={}, versions={}, plan={}))
+    for step in (1, 2, 3, 10, 20):  # step events thin out on long runs
+        page.on_event({**events.make("step", step=step, loss=1.0), "time": 1000.0 + step})
+    late = {**events.make("paging", step=2, phase="optimizer", bytes_htod=MIB, bytes_dtoh=0, faults=3), "time": 1030.0}
+    between = {**events.make("paging", step=5, phase="other", bytes_htod=0, bytes_dtoh=MIB, faults=0), "time": 1031.0}
+    ahead = {**events.make("paging", step=25, phase="optimizer", bytes_htod=MIB, bytes_dtoh=0, faults=0), "time": 1032.0}
+    for event in (late, between, ahead):
+        page.on_event(event)
+    page.refresh()
+    # Step 2's own end; step 5 ended by the time step 10's event was written; step 25 has no step event yet.
+    assert [p.pos().x() for p in page.paging_markers.points()] == [1002.0, 1010.0, 1032.0]
+    assert [r[1] for r in _rows(page.paging_table)] == ["25", "5", "2"]
 
 
 def test_a_recorded_cpu_run_shows_why_nothing_is_paged(make_page):

@@ -18,6 +18,7 @@ No torch here: the monitor package imports none at module level.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from functools import partial
@@ -49,6 +50,7 @@ GIB = float(1 << 30)
 WINDOWS = ((60.0, "1 min"), (300.0, "5 min"), (600.0, "10 min"), (1800.0, "30 min"), (3600.0, "1 hour"), (4 * 3600.0, "4 hours"))
 MAX_TABLE_ROWS = 500
 MAX_MARKERS = 2000
+MAX_STEP_TIMES = 4096  # step end times kept to place late paging events
 
 _COLORS = {
     "used": "#4c72b0",
@@ -130,6 +132,9 @@ class MonitorPage(QWidget):
         self._paged_state: int | None = None
         self._alloc = RollingSeries(("allocated", "reserved", "peak"), self._window_s)
         self._markers: deque[tuple[float, float, str]] = deque(maxlen=MAX_MARKERS)
+        # When each step ended (from `step` events), to place a paging event at its step: the worker
+        # drains the counters every few seconds, so the event itself can come seconds later.
+        self._step_ends: deque[tuple[int, float]] = deque(maxlen=MAX_STEP_TIMES)
         self.paging = PagingSummary()
         self._redraw_pending = False
 
@@ -283,7 +288,11 @@ class MonitorPage(QWidget):
             })
             if event.get("paged_state_bytes"):
                 self._paged_state = int(event["paged_state_bytes"])
+            step = event.get("step")
+            if isinstance(step, int) and (not self._step_ends or step > self._step_ends[-1][0]):
+                self._step_ends.append((step, t))
         elif kind == "paging":
+            t = self._time_of_step(event.get("step"), t)
             self._add_paging_row(t, event)
             self._markers.append((t, self._marker_height(), describe_paging(event)))
         if self.paging.add(event) or kind in ("run_started", "step"):
@@ -291,10 +300,19 @@ class MonitorPage(QWidget):
         if kind in ("run_started", "step", "paging"):
             self._schedule_redraw()
 
+    def _time_of_step(self, step: Any, default: float) -> float:
+        """When ``step`` ended, from the nearest `step` event at or after it (step events thin out on
+        long runs); ``default`` when no such event has come yet."""
+        if not isinstance(step, int) or not self._step_ends or step > self._step_ends[-1][0]:
+            return default
+        i = bisect.bisect_left(self._step_ends, step, key=lambda pair: pair[0])
+        return self._step_ends[i][1]
+
     def reset(self) -> None:
         """Forget the previous run's allocator figures and paging events (the card's history stays)."""
         self._alloc.clear()
         self._markers.clear()
+        self._step_ends.clear()
         self._paged_state = None
         self.paging = PagingSummary()
         self.paging_table.setRowCount(0)
