@@ -1,9 +1,13 @@
 """Where a training step's time goes: torch.profiler over a few engine steps on a GPU.
 
-    python bench/profile_step.py --shape 1b [--steps 3]
+    python bench/profile_step.py --shape 1b [--steps 3] [--phases 20] [--set offload_checkpoints=false ...]
 
 Prints the GPU's busy fraction over the profiled steps (kernel time / wall time) and the top
-operators by GPU time and by CPU time; writes bench/results/profile-<shape>-<date>-<commit>.json.
+operators by GPU time and by CPU time; with ``--phases N``, first N steps without the profiler, each
+timed per phase (forward and backward, then clipping and the optimizer step) with the GPU drained
+between them, so a slow phase or a drift over the steps shows. ``--set KEY=VALUE`` changes a
+``train`` setting (e.g. turns one of the GPU paths off). Writes
+bench/results/profile-<shape>-<date>-<commit>.json.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--models", default="bench-models")
     ap.add_argument("--gradient-checkpointing", type=int, default=1)
+    ap.add_argument("--phases", type=int, default=0, help="steps timed per phase before profiling")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a train setting, e.g. fused_kernels=false")
     args = ap.parse_args()
 
     import torch
@@ -32,13 +38,20 @@ def main() -> int:
 
     from qlora_studio.engine import device as devices
     from qlora_studio.engine.model import load_model
-    from qlora_studio.engine.trainer import build_optimizer, build_scheduler, train_step
+    from qlora_studio import config as C
+    from qlora_studio.engine.trainer import accumulate, build_optimizer, build_scheduler, train_step, update
 
     model_dir = Path(args.models) / f"llama-{args.shape}"
     H.build_model(args.shape, model_dir)
     device = devices.resolve_device("auto")
     cfg = H.run_config(model_dir, gradient_checkpointing=bool(args.gradient_checkpointing))
-    model, _, _ = load_model(cfg, device, torch.bfloat16)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = {"true": True, "false": False}.get(value.lower(), value)
+    cfg = C.replace(cfg, train=overrides)
+    model, _, info = load_model(cfg, device, torch.bfloat16)
+    print(f"GPU paths: {info.fast_paths}; settings changed: {overrides}")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(cfg, params)
     sched = build_scheduler(cfg, opt, 100)
@@ -47,6 +60,19 @@ def main() -> int:
     for b in data[:3]:
         train_step(model, [b], params, opt, sched, cfg, device)
     torch.cuda.synchronize()
+    phases = []
+    for b in H.batches(args.shape, args.phases, seed=99):
+        t0 = time.perf_counter()
+        loss = accumulate(model, [b], cfg, device)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        update(params, opt, sched, cfg)
+        torch.cuda.synchronize()
+        phases.append({"forward_backward_s": t1 - t0, "update_s": time.perf_counter() - t1, "loss": float(loss)})
+    if phases:
+        print("step  forward+backward ms  update ms")
+        for i, ph in enumerate(phases):
+            print(f"{i:4d}  {ph['forward_backward_s'] * 1000:19.1f}  {ph['update_s'] * 1000:9.1f}")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for b in data[3:]:
@@ -68,7 +94,8 @@ def main() -> int:
     for e in by_cpu:
         print(f"{e.key[:60]:60s} {e.self_device_time_total / 1000:9.1f} {e.self_cpu_time_total / 1000:9.1f} {e.count:7d}")
     write_result(f"profile-{args.shape}", {"wall_ms": wall * 1000, "gpu_ms": gpu_us / 1000, "steps": args.steps,
-                                            "top_gpu": rows})
+                                            "top_gpu": rows, "phases": phases, "settings": overrides,
+                                            "fast_paths": info.fast_paths})
     return 0
 
 
