@@ -379,7 +379,9 @@ def gpu_fast_paths(model, cfg: RunConfig, device: torch.device) -> list[str]:
     from . import offload
 
     used = []
-    if cfg.train.fused_kernels and fused_kernels(model.get_base_model()):
+    # Triton, which liger-kernel's kernels are written in, needs a Turing (sm_75) or newer GPU.
+    triton_ok = torch.cuda.get_device_capability(device) >= (7, 5)
+    if cfg.train.fused_kernels and triton_ok and fused_kernels(model.get_base_model()):
         used.append("fused_kernels")
     if cfg.train.gradient_checkpointing and cfg.train.offload_checkpoints and offload.use_offloaded_checkpointing(model):
         used.append("offload_checkpoints")
