@@ -33,11 +33,12 @@ from .. import runs
 from . import jobs
 from .supervisor import (
     DEFAULT_GRACE_S,
-    KILLED_ON_REQUEST,
     Outcome,
     RunResult,
+    StopEscalation,
+    detached_message,
     finished_message,
-    killed_after_grace_message,
+    remove_stale_stop_file,
     stopped_message,
 )
 
@@ -121,16 +122,19 @@ class RunFollower(QThread):
         super().__init__(parent)
         self.run_dir = Path(run_dir)
         self.worker = worker
-        self.grace_s = float(grace_s)
         self._lock = threading.Lock()
         self._stop_requested = False
-        self._killed_by: str | None = None  # "grace" or "user"
-        self._grace_timer: threading.Timer | None = None
+        self._escalation = StopEscalation(grace_s, self._lock, alive=lambda: _alive(self.worker),
+                                          kill=self._kill_worker, announce=self.stop_escalated.emit)
         self._detached = threading.Event()
         self._consumed = threading.Event()
         jobs.register(self)
 
     # ------------------------------------------------------------------ called from the GUI thread
+
+    @property
+    def grace_s(self) -> float:
+        return self._escalation.grace_s
 
     @property
     def pid(self) -> int:
@@ -154,14 +158,12 @@ class RunFollower(QThread):
             except OSError:
                 return False  # the folder went away; nothing reaches the worker
             self._stop_requested = True
-            self._grace_timer = threading.Timer(self.grace_s, self._grace_expired)
-            self._grace_timer.daemon = True
-            self._grace_timer.start()
+            self._escalation.arm()
             return True
 
     def kill(self) -> None:
         """End the worker now (its last periodic checkpoint, if any, stays)."""
-        self._kill("user")
+        self._escalation.kill("user")
 
     def detach(self) -> None:
         """Stop following; the worker trains on (the window is closing)."""
@@ -184,7 +186,7 @@ class RunFollower(QThread):
                     elif event.get("type") == "run_started":
                         terminal = None  # a resumed run starts afresh
                 if terminal is not None:
-                    self._cancel_grace_timer()  # it has stopped (or ended): nothing left to kill for
+                    self._escalation.cancel()  # it has stopped (or ended): nothing left to kill for
                 self._hand_over(batch)
                 if len(batch) == BATCH:
                     continue  # more history waiting: no pause
@@ -198,16 +200,12 @@ class RunFollower(QThread):
                 continue  # read once more: lines it wrote just before it went
             self._detached.wait(POLL_S)
 
-        self._cancel_grace_timer()
+        self._escalation.cancel()
         if self._detached.is_set():
-            self.run_ended.emit(RunResult(
-                Outcome.DETACHED, None, self.run_dir,
-                f"Training continues in the background (process {self.pid}); "
-                "the window follows it when it opens again.",
-            ))
+            self.run_ended.emit(RunResult(Outcome.DETACHED, None, self.run_dir, detached_message(self.pid)))
             return
-        if self._killed_by is not None or terminal is None:
-            self._remove_stale_stop_file()
+        if self._escalation.killed_by is not None or terminal is None:
+            remove_stale_stop_file(self.run_dir)
         self.run_ended.emit(self._result(terminal))
 
     def _hand_over(self, batch: list[dict[str, Any]]) -> None:
@@ -226,46 +224,22 @@ class RunFollower(QThread):
 
     # ------------------------------------------------------------------ stopping
 
-    def _cancel_grace_timer(self) -> None:
-        with self._lock:
-            if self._grace_timer is not None:
-                self._grace_timer.cancel()
-
-    def _grace_expired(self) -> None:
-        if _alive(self.worker):
-            self.stop_escalated.emit(
-                f"The worker did not stop within {self.grace_s:g} s of the stop request; killing it."
-            )
-            self._kill("grace")
-
-    def _kill(self, by: str) -> None:
-        with self._lock:
-            if not _alive(self.worker):
-                return
-            self._killed_by = self._killed_by or by
-            pid = self.pid
-            try:
-                if os.name == "posix" and os.getpgid(pid) == pid:
-                    os.killpg(pid, signal.SIGKILL)  # a group leader: its helpers go with it
-                else:
-                    self.worker.kill()
-            except (ProcessLookupError, PermissionError, psutil.Error):
-                pass
-
-    def _remove_stale_stop_file(self) -> None:
-        """A STOP file the worker never honoured would stop a resumed run at once."""
+    def _kill_worker(self) -> None:
+        pid = self.pid
         try:
-            (self.run_dir / runs.STOP).unlink(missing_ok=True)
-        except OSError:
+            if os.name == "posix" and os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)  # a group leader: its helpers go with it
+            else:
+                self.worker.kill()
+        except (ProcessLookupError, PermissionError, psutil.Error):
             pass
 
     def _result(self, terminal: dict[str, Any] | None) -> RunResult:
         kind = (terminal or {}).get("type")
         common: dict[str, Any] = {"exit_code": None, "run_dir": self.run_dir, "last_event": terminal}
-        if self._killed_by == "grace":
-            return RunResult(Outcome.KILLED, message=killed_after_grace_message(self.grace_s, self.run_dir), **common)
-        if self._killed_by == "user":
-            return RunResult(Outcome.KILLED, message=KILLED_ON_REQUEST, **common)
+        killed = self._escalation.killed_message(self.run_dir)
+        if killed is not None:
+            return RunResult(Outcome.KILLED, message=killed, **common)
         if kind == "finished":
             return RunResult(Outcome.FINISHED, message=finished_message(terminal), **common)
         if kind == "stopped":

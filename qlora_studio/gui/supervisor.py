@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -129,6 +130,78 @@ def killed_after_grace_message(grace_s: float, run_dir: Path) -> str:
 KILLED_ON_REQUEST = "The worker was killed on request."
 
 
+def detached_message(pid: int | None) -> str:
+    return (f"Training continues in the background (process {pid}); "
+            "the window follows it when it opens again.")
+
+
+def remove_stale_stop_file(run_dir: Path) -> None:
+    """A STOP file the worker never honoured (it was killed, or it ended without a word) would stop
+    a resumed run at once."""
+    try:
+        (run_dir / runs.STOP).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+class StopEscalation:
+    """What follows a stop request, for a :class:`Supervisor` and a follower alike.
+
+    :meth:`arm` starts the grace timer once the request has gone out; if the worker is still alive
+    when it runs out, ``announce`` gets a sentence saying so and the worker is killed. :meth:`kill`
+    ends it at once (the person's choice). :attr:`killed_by` remembers which came first, and
+    :meth:`killed_message` turns it into the run's result message.
+
+    The owner says how to tell that its worker is alive (``alive``) and how to kill it (``kill``,
+    called only while it is alive); both are called with ``lock`` held, the owner's lock that also
+    guards its worker. Call :meth:`arm` with that lock held too.
+    """
+
+    def __init__(self, grace_s: float, lock: threading.Lock, *, alive: Callable[[], bool],
+                 kill: Callable[[], None], announce: Callable[[str], None]):
+        self.grace_s = float(grace_s)
+        self.killed_by: str | None = None  # "grace" or "user"
+        self._lock = lock
+        self._alive = alive
+        self._kill_worker = kill
+        self._announce = announce
+        self._timer: threading.Timer | None = None
+
+    def arm(self) -> None:
+        self._timer = threading.Timer(self.grace_s, self._expired)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def cancel(self) -> None:
+        """The worker has stopped or gone: nothing is left to kill for."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+
+    def kill(self, by: str) -> None:
+        """Kill the worker if it is alive; ``by`` is "grace" or "user"."""
+        with self._lock:
+            if not self._alive():
+                return
+            self.killed_by = self.killed_by or by
+            self._kill_worker()
+
+    def killed_message(self, run_dir: Path) -> str | None:
+        """The run's result message if the worker was killed, else None."""
+        if self.killed_by == "grace":
+            return killed_after_grace_message(self.grace_s, run_dir)
+        if self.killed_by == "user":
+            return KILLED_ON_REQUEST
+        return None
+
+    def _expired(self) -> None:
+        with self._lock:
+            alive = self._alive()
+        if alive:
+            self._announce(f"The worker did not stop within {self.grace_s:g} s of the stop request; killing it.")
+            self.kill("grace")
+
+
 def worker_command(config_path: Path | None, run_dir: Path, *, resume: bool = False, max_steps: int | None = None) -> list[str]:
     """The worker's argument list, per the contract in docs/architecture.md."""
     argv = [sys.executable, "-m", "qlora_studio", "train"]
@@ -166,18 +239,21 @@ class Supervisor(QThread):
         self.argv = list(argv)
         self.run_dir = Path(run_dir)
         self.stderr_dir = Path(stderr_dir) if stderr_dir is not None else Path(tempfile.gettempdir())
-        self.grace_s = float(grace_s)
         self.env = jobs.python_env(env)
         self._proc: subprocess.Popen[str] | None = None
         self._lock = threading.Lock()
         self._stop_requested = False
-        self._killed_by: str | None = None  # "grace" or "user"
-        self._grace_timer: threading.Timer | None = None
+        self._escalation = StopEscalation(grace_s, self._lock, alive=self._worker_alive,
+                                          kill=self._kill_worker, announce=self.stop_escalated.emit)
         self._stderr_tail: list[str] = []
         self._detached = False
         jobs.register(self)
 
     # ------------------------------------------------------------------ called from the GUI thread
+
+    @property
+    def grace_s(self) -> float:
+        return self._escalation.grace_s
 
     @property
     def pid(self) -> int | None:
@@ -208,14 +284,12 @@ class Supervisor(QThread):
                 proc.stdin.flush()
             except (OSError, ValueError):
                 pass  # the worker closed its input; the STOP file still reaches it
-            self._grace_timer = threading.Timer(self.grace_s, self._grace_expired)
-            self._grace_timer.daemon = True
-            self._grace_timer.start()
+            self._escalation.arm()
             return True
 
     def kill(self) -> None:
         """End the worker now (its last periodic checkpoint, if any, stays)."""
-        self._kill("user")
+        self._escalation.kill("user")
 
     # ------------------------------------------------------------------ the thread
 
@@ -277,21 +351,14 @@ class Supervisor(QThread):
 
         if self._detached:
             # The worker trains on without us: its events still go to RUN_DIR/events.jsonl.
-            with self._lock:
-                if self._grace_timer is not None:
-                    self._grace_timer.cancel()
+            self._escalation.cancel()
             self._remove(stderr_path)
-            self.run_ended.emit(RunResult(
-                Outcome.DETACHED, None, self.run_dir,
-                f"Training continues in the background (process {proc.pid}); "
-                "the window follows it when it opens again.",
-            ))
+            self.run_ended.emit(RunResult(Outcome.DETACHED, None, self.run_dir, detached_message(proc.pid)))
             return
 
         exit_code = proc.wait()
+        self._escalation.cancel()
         with self._lock:
-            if self._grace_timer is not None:
-                self._grace_timer.cancel()
             for stream in (proc.stdin, proc.stdout):
                 try:
                     if stream is not None:
@@ -299,7 +366,7 @@ class Supervisor(QThread):
                 except OSError:
                     pass
         self._remove(stderr_path)
-        self._remove_stale_stop_file()
+        remove_stale_stop_file(self.run_dir)
         self.run_ended.emit(self._result(exit_code, terminal, failure))
 
     def detach(self) -> None:
@@ -308,28 +375,19 @@ class Supervisor(QThread):
 
     # ------------------------------------------------------------------ helpers
 
-    def _grace_expired(self) -> None:
-        with self._lock:
-            alive = self._proc is not None and self._proc.poll() is None
-        if alive:
-            self.stop_escalated.emit(
-                f"The worker did not stop within {self.grace_s:g} s of the stop request; killing it."
-            )
-            self._kill("grace")
+    def _worker_alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
 
-    def _kill(self, by: str) -> None:
-        with self._lock:
-            proc = self._proc
-            if proc is None or proc.poll() is not None:
-                return
-            self._killed_by = self._killed_by or by
-            try:
-                if os.name == "posix":
-                    os.killpg(proc.pid, signal.SIGKILL)
-                else:
-                    proc.kill()
-            except (ProcessLookupError, PermissionError):
-                pass
+    def _kill_worker(self) -> None:
+        proc = self._proc
+        assert proc is not None  # StopEscalation kills only a live worker
+        try:
+            if os.name == "posix":
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.kill()
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def _start_worker(self) -> tuple[subprocess.Popen[str], Path, BinaryIO]:
         """Start the worker in its own process group, its standard error going to a fresh file (see
@@ -373,21 +431,13 @@ class Supervisor(QThread):
         except OSError:
             pass  # Windows, while the worker still holds it open: a small file stays behind
 
-    def _remove_stale_stop_file(self) -> None:
-        """A STOP file the worker never honoured (it was killed) would stop a resumed run at once."""
-        try:
-            (self.run_dir / runs.STOP).unlink(missing_ok=True)
-        except OSError:
-            pass
-
     def _result(self, code: int, terminal: dict[str, Any] | None, failure: dict[str, Any] | None) -> RunResult:
         tail = list(self._stderr_tail)
         common: dict[str, Any] = {"exit_code": code, "run_dir": self.run_dir, "failure": failure,
                                   "last_event": terminal, "stderr_tail": tail}
-        if self._killed_by == "grace":
-            return RunResult(Outcome.KILLED, message=killed_after_grace_message(self.grace_s, self.run_dir), **common)
-        if self._killed_by == "user":
-            return RunResult(Outcome.KILLED, message=KILLED_ON_REQUEST, **common)
+        killed = self._escalation.killed_message(self.run_dir)
+        if killed is not None:
+            return RunResult(Outcome.KILLED, message=killed, **common)
         if code == EXIT_FINISHED:
             return RunResult(Outcome.FINISHED, message=finished_message(terminal), **common)
         if code == EXIT_STOPPED:
