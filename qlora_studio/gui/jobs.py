@@ -4,6 +4,8 @@ Two kinds:
 
 * :class:`FunctionJob` runs a plain-Python function on a ``QThread`` (reading a model's
   ``config.json``, reading the first records of a dataset) and hands back its result or error.
+  :class:`LatestOnlyRunner` runs them for work that is redone whenever the person changes something
+  (a model's facts, the memory estimate, the list of runs): one at a time, latest request only.
 * :class:`ProcessJob` runs ``python -m <module>`` as a subprocess through ``QProcess``: for work that
   needs torch or a tokenizer (which the GUI process must not import), or that may take long and must
   be killable (a half-finished thread cannot be killed, a process can).
@@ -19,6 +21,7 @@ import os
 import sys
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,85 @@ class FunctionJob(QThread):
             self.failed.emit(exc)
         else:
             self.succeeded.emit(result)
+
+
+@dataclass
+class _Request:
+    serial: int
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    on_success: Callable[[Any], None] | None
+    on_failure: Callable[[BaseException], None] | None
+
+
+class LatestOnlyRunner(QObject):
+    """Runs ``fn(*args)`` as a :class:`FunctionJob` for the latest of a stream of requests.
+
+    One job runs at a time. A request made while it runs waits for it to end, and a newer request
+    replaces the one waiting. Only the latest request's answer is handed on, to its ``on_success``
+    or ``on_failure``, on the GUI thread; the answer of a job that a newer request or :meth:`cancel`
+    has superseded is dropped (a thread cannot be interrupted: that job runs to its end unheard).
+    """
+
+    def __init__(self, parent: QObject | None = None):
+        super().__init__(parent)
+        self._serial = 0  # of the latest request
+        self._waiting: _Request | None = None
+        self._running: _Request | None = None
+        self._job: FunctionJob | None = None
+
+    def submit(self, fn: Callable[..., Any], *args: Any,
+               on_success: Callable[[Any], None] | None = None,
+               on_failure: Callable[[BaseException], None] | None = None) -> None:
+        """Run ``fn(*args)`` now, or when the running job ends if no newer request comes first."""
+        self._serial += 1
+        self._waiting = _Request(self._serial, fn, args, on_success, on_failure)
+        if self._job is None:
+            self._start_waiting()
+
+    def cancel(self) -> None:
+        """Forget the waiting request and drop the running job's answer."""
+        self._serial += 1
+        self._waiting = None
+
+    def busy(self) -> bool:
+        """A job runs (or has ended and not yet been cleared up); a waiting request starts after it."""
+        return self._job is not None
+
+    def shutdown(self, timeout_ms: int = 3000) -> None:
+        """Forget the waiting request and wait briefly for the running job (the window is closing)."""
+        self._waiting = None
+        if self._job is not None:
+            self._job.wait(timeout_ms)
+
+    def _start_waiting(self) -> None:
+        request, self._waiting = self._waiting, None
+        if request is None:
+            return
+        job = FunctionJob(request.fn, *request.args, parent=self)
+        # Slots of this object: the job's signals come from its thread and are queued to ours,
+        # answer first, then ``finished``.
+        job.succeeded.connect(self._succeeded)
+        job.failed.connect(self._failed)
+        job.finished.connect(self._job_done)
+        self._running, self._job = request, job
+        job.start()
+
+    def _succeeded(self, result: Any) -> None:
+        request = self._running
+        if request is not None and request.serial == self._serial and request.on_success is not None:
+            request.on_success(result)
+
+    def _failed(self, exc: BaseException) -> None:
+        request = self._running
+        if request is not None and request.serial == self._serial and request.on_failure is not None:
+            request.on_failure(exc)
+
+    def _job_done(self) -> None:
+        if self._job is not None:
+            self._job.deleteLater()
+        self._running, self._job = None, None
+        self._start_waiting()
 
 
 class ProcessJob(QObject):

@@ -33,7 +33,7 @@ from ..errors import UserError
 from . import jobs, presets, vram
 from .app_state import DISPLAY_NAME, AppState
 from .demo_setup import DemoSetup, demo_ready
-from .jobs import FunctionJob
+from .jobs import FunctionJob, LatestOnlyRunner
 from .pages.dataset_page import DatasetPage
 from .pages.export_page import ExportPage
 from .pages.model_page import ModelPage
@@ -102,9 +102,7 @@ class MainWindow(QMainWindow):
         self._applying = False
         self._model_info: Any = None
         self._gpu: vram.GpuMemory | None = None
-        self._estimate_job: FunctionJob | None = None
-        self._estimate_pending: tuple[int, Any, cfgmod.RunConfig, vram.GpuMemory | None] | None = None
-        self._estimate_serial = 0  # of the latest request; older answers are dropped
+        self._estimates = LatestOnlyRunner(self)
         self._estimate_timer = QTimer(self)
         self._estimate_timer.setSingleShot(True)
         self._estimate_timer.setInterval(300)
@@ -365,50 +363,31 @@ class MainWindow(QMainWindow):
         """Re-estimate the GPU memory of the settings on screen, off the GUI thread.
 
         An estimate with suggestions takes 30–350 ms, so it runs as a background job. Requests are
-        coalesced: one job runs at a time, a request made meanwhile waits (a newer one replaces
-        it), and only the answer to the latest request is shown.
+        coalesced (:class:`~qlora_studio.gui.jobs.LatestOnlyRunner`): one job runs at a time, a
+        request made meanwhile waits (a newer one replaces it), and only the answer to the latest
+        request is shown.
         """
-        self._estimate_serial += 1
         if self._model_info is None:
+            self._estimates.cancel()
             self._show_estimate_text("")
             return
         try:
             cfg = self.collect_config()
         except UserError as exc:
+            self._estimates.cancel()
             self._show_estimate_text(f"No memory estimate: {exc.one_line()}")
             return
-        self._estimate_pending = (self._estimate_serial, self._model_info, cfg, self._gpu)
-        if self._estimate_job is None:
-            self._start_estimate()
+        gpu = self._gpu
+        self._estimates.submit(vram.compute, self._model_info, cfg, gpu,
+                               on_success=lambda result, g=gpu: self._estimate_ready(result, g),
+                               on_failure=self._estimate_failed)
 
-    def _start_estimate(self) -> None:
-        if self._estimate_pending is None:
-            return
-        serial, info, cfg, gpu = self._estimate_pending
-        self._estimate_pending = None
-        job = FunctionJob(vram.compute, info, cfg, gpu, parent=self)
-        job.succeeded.connect(lambda result, n=serial, g=gpu: self._estimate_ready(n, result, g))
-        job.failed.connect(lambda exc, n=serial: self._estimate_failed(n, exc))
-        job.finished.connect(self._estimate_done)
-        self._estimate_job = job
-        job.start()
-
-    def _estimate_done(self) -> None:
-        if self._estimate_job is not None:
-            self._estimate_job.deleteLater()
-        self._estimate_job = None
-        self._start_estimate()  # the latest request made while this one ran
-
-    def _estimate_ready(self, serial: int, result: Any, gpu: vram.GpuMemory | None) -> None:
-        if serial != self._estimate_serial:
-            return  # superseded by a newer request
+    def _estimate_ready(self, result: Any, gpu: vram.GpuMemory | None) -> None:
         for panel in self.estimate_panels:
             panel.show_estimate(result, gpu)
         self._set_estimated_peak(result.peak)
 
-    def _estimate_failed(self, serial: int, exc: BaseException) -> None:
-        if serial != self._estimate_serial:
-            return
+    def _estimate_failed(self, exc: BaseException) -> None:
         if isinstance(exc, UserError):
             self._show_estimate_text(f"No memory estimate: {exc.one_line()}")
         elif isinstance(exc, ImportError):
@@ -671,9 +650,7 @@ class MainWindow(QMainWindow):
             self.run.wait(3000)
         self.save_settings()
         self.demo.cancel()
-        self._estimate_pending = None
-        if self._estimate_job is not None:
-            self._estimate_job.wait(3000)
+        self._estimates.shutdown()
         self.model_page.shutdown()
         self.dataset_page.shutdown()
         self.runs_page.shutdown()

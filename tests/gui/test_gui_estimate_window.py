@@ -49,7 +49,7 @@ def test_changing_the_micro_batch_re_estimates_in_the_background(window, qtbot):
 
 def test_requests_are_coalesced_and_computed_off_the_gui_thread(window, qtbot, monkeypatch):
     panel = window.training_page.estimate
-    qtbot.waitUntil(lambda: panel.result is not None and window._estimate_job is None, timeout=15_000)
+    qtbot.waitUntil(lambda: panel.result is not None and not window._estimates.busy(), timeout=15_000)
     computed: list[int] = []
     threads: list[int] = []
     gate = threading.Event()
@@ -73,6 +73,6 @@ def test_requests_are_coalesced_and_computed_off_the_gui_thread(window, qtbot, m
     assert computed == [2] and panel.result.settings["micro_batch_size"] == shown
     gate.set()
     qtbot.waitUntil(lambda: panel.result.settings["micro_batch_size"] == 5, timeout=15_000)
-    qtbot.waitUntil(lambda: window._estimate_job is None, timeout=5_000)
+    qtbot.waitUntil(lambda: not window._estimates.busy(), timeout=5_000)
     assert computed == [2, 5]  # 3 and 4 were superseded before they started
     assert threading.get_ident() not in threads

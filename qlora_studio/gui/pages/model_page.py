@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import Qt, QTimer, Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -31,7 +31,7 @@ from PySide6.QtWidgets import (
 from ... import config as cfgmod
 from ..estimate_panel import EstimatePanel
 from ..help_texts import tip
-from ..jobs import FunctionJob
+from ..jobs import LatestOnlyRunner
 from ..widgets import BusyIndicator, PathField, add_row, pick_folder, wrap_label
 
 # The ModelInfo facts the page shows, in order, with their labels.
@@ -100,8 +100,7 @@ class ModelPage(QWidget):
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
-        self._job: FunctionJob | None = None
-        self._pending_source: str | None = None
+        self._facts_reader = LatestOnlyRunner(self)
         self._module_boxes: dict[str, QCheckBox] = {}
         self.facts: dict[str, Any] | None = None
         #: (path prefix, note): files under the prefix are still being created (the demo on first
@@ -302,29 +301,19 @@ class ModelPage(QWidget):
     def refresh_facts(self) -> None:
         source = self.source.text()
         if not source:
+            self._facts_reader.cancel()
             self._show_facts_message("Pick a model to see what its config.json says.")
             return
         if self.waiting_for is not None and source.startswith(self.waiting_for[0]):
+            self._facts_reader.cancel()
             self._show_facts_message(self.waiting_for[1])
             return
-        if self._job is not None and self._job.isRunning():
-            self._pending_source = source  # read it when the current read ends
-            return
-        self._pending_source = None
         self.busy.start(f"Reading {source} config.json…")
-        job = FunctionJob(describe_model, source, self.revision.text().strip() or "main", parent=self)
-        job.succeeded.connect(lambda answer, s=source: self._facts_ready(s, answer))
-        job.failed.connect(lambda exc, s=source: self._facts_failed(s, exc))
-        job.finished.connect(self._job_done)
-        self._job = job
-        job.start()
-
-    def _job_done(self) -> None:
-        if self._job is not None:
-            self._job.deleteLater()
-        self._job = None
-        if self._pending_source is not None:
-            QTimer.singleShot(0, self.refresh_facts)
+        self._facts_reader.submit(
+            describe_model, source, self.revision.text().strip() or "main",
+            on_success=lambda answer, s=source: self._facts_ready(s, answer),
+            on_failure=lambda exc, s=source: self._facts_failed(s, exc),
+        )
 
     def _stale(self, source: str) -> bool:
         return source != self.source.text()
@@ -405,5 +394,4 @@ class ModelPage(QWidget):
                 box.setChecked(True)
 
     def shutdown(self) -> None:
-        if self._job is not None:
-            self._job.wait(3000)
+        self._facts_reader.shutdown()

@@ -31,7 +31,7 @@ from PySide6.QtWidgets import (
 from ... import events as ev
 from ... import runs
 from ..charts import TrainingCharts
-from ..jobs import FunctionJob
+from ..jobs import LatestOnlyRunner
 from .training_page import format_duration
 
 COLUMNS = ("Status", "Run", "Model", "Dataset", "Steps", "Final loss", "Duration", "Started at")
@@ -74,8 +74,7 @@ class RunsPage(QWidget):
         self.runs_dir = Path(runs_dir)
         self.summaries: list[runs.RunSummary] = []
         self.active_run: Path | None = None  # the run this window supervises now
-        self._job: FunctionJob | None = None
-        self._again = False
+        self._lister = LatestOnlyRunner(self)
         self._chart_windows: list[RunChartsWindow] = []
         self._chosen: Path | None = None  # the one selected run last announced by run_selected
 
@@ -161,22 +160,7 @@ class RunsPage(QWidget):
         self.refresh()
 
     def refresh(self) -> None:
-        if self._job is not None:
-            self._again = True  # list again when the current listing ends
-            return
-        job = FunctionJob(runs.list_runs, self.runs_dir, parent=self)
-        job.succeeded.connect(self._listed)
-        job.finished.connect(self._job_done)
-        self._job = job
-        job.start()
-
-    def _job_done(self) -> None:
-        if self._job is not None:
-            self._job.deleteLater()
-        self._job = None
-        if self._again:
-            self._again = False
-            self.refresh()
+        self._lister.submit(runs.list_runs, self.runs_dir, on_success=self._listed)
 
     def _listed(self, summaries: list[runs.RunSummary]) -> None:
         selected = {s.path for s in self.selected()}
@@ -305,5 +289,4 @@ class RunsPage(QWidget):
     def shutdown(self) -> None:
         for window in self._chart_windows:
             window.close()
-        if self._job is not None:
-            self._job.wait(3000)
+        self._lister.shutdown()
