@@ -93,6 +93,22 @@ TIPS: dict[str, str] = {
         "Recomputes activations in the backward pass instead of storing them: much less memory for "
         "roughly 20-30% more time."
     ),
+    "train.offload_checkpoints": (
+        "On a GPU, the layer inputs that checkpointing keeps wait in CPU memory and come back for the "
+        "backward pass: less GPU memory (1 GiB on an 8B model), the same results."
+    ),
+    "train.embeddings_on_cpu": (
+        "On a GPU, an input embedding that is not shared with the output head stays in CPU memory; only "
+        "the rows a step uses are copied over. The same results."
+    ),
+    "train.fused_kernels": (
+        "On a recent NVIDIA GPU with liger-kernel installed (pip install 'qlora-studio[fast]'), RMSNorm, "
+        "SwiGLU and RoPE each run as one kernel: faster and smaller steps, results equal up to rounding."
+    ),
+    "train.paging_counters": (
+        "Count the paged optimizer's moves between GPU and CPU memory for the GPU Monitor page (needs "
+        "cupti-python); reading them costs about 20 ms every 5 seconds."
+    ),
     "train.seed": (
         "The random seed for adapter initialisation, dropout and data order, so runs are repeatable."
     ),

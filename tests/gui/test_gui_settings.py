@@ -108,3 +108,13 @@ def test_tooltips_explain_the_qlora_settings(window):
         assert len(widget.toolTip()) > 30, name
     assert "NF4" in window.findChild(QComboBox, "quantType").toolTip()
     assert "paged" in window.findChild(QComboBox, "train_optimizer").toolTip().lower()
+
+
+def test_the_gpu_paths_and_paging_counters_are_settings_with_explanations(window):
+    assert window.collect_config().train.offload_checkpoints  # on by default, as in the engine
+    for key in ("offload_checkpoints", "embeddings_on_cpu", "fused_kernels", "paging_counters"):
+        box = window.findChild(QCheckBox, f"train_{key}")
+        assert box is not None and len(box.toolTip()) > 30, key
+        box.setChecked(False)
+        assert getattr(window.collect_config().train, key) is False, key
+    assert "liger-kernel" in window.findChild(QCheckBox, "train_fused_kernels").toolTip()
