@@ -100,3 +100,26 @@ def test_model_page_shows_config_facts_targets_and_an_estimate(window, qtbot, tm
     page.set_source(str(tmp_path / "no-such-model"))
     qtbot.waitUntil(lambda: "model folder not found" in page.facts_status.text(), timeout=10_000)
     assert page.facts_form.rowCount() == 0
+
+
+def test_a_runs_folder_that_cannot_be_read_is_said_beside_it_and_the_list_stays(window, qtbot, monkeypatch):
+    from qlora_studio import runs
+
+    write_run(window.state.runs_dir, "a-finished", "finished", [3.0, 2.0, 1.0])
+    page = window.runs_page
+    window.tabs.setCurrentWidget(page)
+    table = window.findChild(QTableWidget, "runsTable")
+    qtbot.waitUntil(lambda: table.rowCount() == 1, timeout=10_000)
+
+    def unreadable(folder):
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(runs, "list_runs", unreadable)
+    with qtbot.waitSignal(page.listed, timeout=10_000):
+        page.refresh()
+    assert "could not be read" in page.folder_label.text() and "Permission denied" in page.folder_label.text()
+    assert table.rowCount() == 1  # what was listed stays
+    monkeypatch.undo()
+    with qtbot.waitSignal(page.listed, timeout=10_000):
+        page.refresh()
+    assert page.folder_label.text() == f"Runs folder: {page.runs_dir}"

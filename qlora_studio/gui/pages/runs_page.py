@@ -160,9 +160,15 @@ class RunsPage(QWidget):
         self.refresh()
 
     def refresh(self) -> None:
-        self._lister.submit(runs.list_runs, self.runs_dir, on_success=self._listed)
+        self._lister.submit(runs.list_runs, self.runs_dir, on_success=self._listed, on_failure=self._list_failed)
+
+    def _list_failed(self, exc: BaseException) -> None:
+        """The folder could not be read (permissions, a disk gone): said beside it, the list kept as it was."""
+        self.folder_label.setText(f"Runs folder: {self.runs_dir} — could not be read ({exc})")
+        self.listed.emit()
 
     def _listed(self, summaries: list[runs.RunSummary]) -> None:
+        self.folder_label.setText(f"Runs folder: {self.runs_dir}")
         selected = {s.path for s in self.selected()}
         self.summaries = summaries
         self.table.blockSignals(True)
