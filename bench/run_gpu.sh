@@ -3,7 +3,7 @@
 #
 #   bash bench/run_gpu.sh OUT_DIR [PART ...]
 #
-# PART is any of: tests fastpaths perf1b perf8b estimate monitor (default: tests perf1b). fastpaths: the
+# PART is any of: tests fastpaths perf1b perf8b estimate monitor optimizer (default: tests perf1b). fastpaths: the
 # engine's GPU tests only. QS_CONTENDERS / QS_CONTENDERS_8B choose the harness rows. Wheels of packages
 # the GPU machine lacks are taken from .whl/ (and the Unsloth peer from .peer/) when present:
 # `bash ../shared/device/wheels.sh --peer gguf` fills them. Logs and result files go to OUT_DIR.
@@ -35,6 +35,7 @@ for part in $parts; do
     perf8b) python3 bench/perf_harness.py --shape 8b --contenders ${QS_CONTENDERS_8B:-seed,engine,unsloth,engine-auto} --results "$out" ;;
     estimate) python3 bench/estimate_accuracy.py ;;
     monitor) python3 bench/monitor_cost.py ;;
+    optimizer) python3 bench/optimizer_step.py --shape 1b && python3 bench/optimizer_step.py --shape 8b ;;
     *) echo "unknown part $part"; status=2 ;;
   esac
   rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || status=$rc
