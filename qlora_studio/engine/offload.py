@@ -162,7 +162,6 @@ def embeddings_on_cpu(model) -> bool:
         return rows.to(device, non_blocking=True).view(*ids.shape, weight.shape[1])
 
     embedding.forward = forward
-    embedding.gpu_device = device
     return True
 
 
