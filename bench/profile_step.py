@@ -30,6 +30,7 @@ def main() -> int:
     ap.add_argument("--models", default="bench-models")
     ap.add_argument("--gradient-checkpointing", type=int, default=1)
     ap.add_argument("--phases", type=int, default=0, help="steps timed per phase before profiling")
+    ap.add_argument("--gc-off", action="store_true", help="Python's garbage collector off while timing phases")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a train setting, e.g. fused_kernels=false")
     args = ap.parse_args()
 
@@ -61,18 +62,28 @@ def main() -> int:
         train_step(model, [b], params, opt, sched, cfg, device)
     torch.cuda.synchronize()
     phases = []
+    if args.gc_off:
+        import gc
+
+        gc.collect()
+        gc.disable()
     for b in H.batches(args.shape, args.phases, seed=99):
         t0 = time.perf_counter()
         loss = accumulate(model, [b], cfg, device)
+        t_host = time.perf_counter()  # the host is done queueing forward and backward
         torch.cuda.synchronize()
         t1 = time.perf_counter()
         update(params, opt, sched, cfg)
+        t_host_update = time.perf_counter()
         torch.cuda.synchronize()
-        phases.append({"forward_backward_s": t1 - t0, "update_s": time.perf_counter() - t1, "loss": float(loss)})
+        t2 = time.perf_counter()
+        phases.append({"forward_backward_s": t1 - t0, "forward_backward_host_s": t_host - t0,
+                       "update_s": t2 - t1, "update_host_s": t_host_update - t1, "loss": float(loss)})
     if phases:
-        print("step  forward+backward ms  update ms")
+        print("step  forward+backward ms (host)  update ms (host)")
         for i, ph in enumerate(phases):
-            print(f"{i:4d}  {ph['forward_backward_s'] * 1000:19.1f}  {ph['update_s'] * 1000:9.1f}")
+            print(f"{i:4d}  {ph['forward_backward_s'] * 1000:9.1f} ({ph['forward_backward_host_s'] * 1000:6.1f})"
+                  f"  {ph['update_s'] * 1000:9.1f} ({ph['update_host_s'] * 1000:6.1f})")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         for b in data[3:]:

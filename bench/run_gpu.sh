@@ -3,8 +3,9 @@
 #
 #   bash bench/run_gpu.sh OUT_DIR [PART ...]
 #
-# PART is any of: tests fastpaths perf1b perf8b estimate monitor optimizer (default: tests perf1b). fastpaths: the
-# engine's GPU tests only. QS_CONTENDERS / QS_CONTENDERS_8B choose the harness rows. Wheels of packages
+# PART is any of: tests fastpaths perf1b perf8b estimate monitor optimizer profile1b profile8b (default: tests perf1b). fastpaths: the
+# engine's GPU tests only. QS_CONTENDERS / QS_CONTENDERS_8B choose the harness rows;
+# QS_MONITOR_ARGS passes options to monitor_cost.py; QS_PROFILE_SETS lists profile variants. Wheels of packages
 # the GPU machine lacks are taken from .whl/ (and the Unsloth peer from .peer/) when present:
 # `bash ../shared/device/wheels.sh --peer gguf` fills them. Logs and result files go to OUT_DIR.
 set -uo pipefail
@@ -34,7 +35,13 @@ for part in $parts; do
     fastpaths) python3 -m pytest -m gpu tests/engine -v -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -25 ;;
     perf8b) python3 bench/perf_harness.py --shape 8b --contenders ${QS_CONTENDERS_8B:-seed,engine,unsloth,engine-auto} --results "$out" ;;
     estimate) python3 bench/estimate_accuracy.py ;;
-    monitor) python3 bench/monitor_cost.py ;;
+    monitor) python3 bench/monitor_cost.py ${QS_MONITOR_ARGS:-} ;;
+    profile8b|profile1b)  # one profile per QS_PROFILE_SETS entry (';'-separated; an entry: KEY=VALUE settings and --options)
+      IFS=';' read -ra variants <<< "${QS_PROFILE_SETS:-}"; [ ${#variants[@]} -gt 0 ] || variants=("")
+      for v in "${variants[@]}"; do
+        sets=(); for kv in $v; do case $kv in --*) sets+=("$kv") ;; *) sets+=(--set "$kv") ;; esac; done
+        python3 bench/profile_step.py --shape "${part#profile}" --phases ${QS_PROFILE_PHASES:-20} "${sets[@]}" || break
+      done ;;
     optimizer) python3 bench/optimizer_step.py --shape 1b && python3 bench/optimizer_step.py --shape 8b ;;
     *) echo "unknown part $part"; status=2 ;;
   esac
