@@ -151,11 +151,12 @@ ENGINE_VARIANTS = {
     "engine-no-fused-kernels": {"fused_kernels": False},  # transformers' RMSNorm, SwiGLU and RoPE
     "engine-no-offload": {"offload_checkpoints": False},  # checkpointed layer inputs stay on the GPU
     "engine-embeddings-on-gpu": {"embeddings_on_cpu": False},
+    "engine-bnb-optimizer": {"fused_optimizer": False},   # bitsandbytes' per-parameter paged AdamW kernels
     "engine-loss-chunk-1024": {"loss_chunk_tokens": 1024},  # the chunked loss's earlier fixed chunk
     "engine-cupti": {"paging_counters": True},            # with the CUPTI paging counters collecting
     "engine-auto": {"auto": True},                        # the settings it picks by itself for the GPU
 }
-_CONFIG_KEYS = ("fused_lora", "fused_kernels", "offload_checkpoints", "embeddings_on_cpu")
+_CONFIG_KEYS = ("fused_lora", "fused_kernels", "offload_checkpoints", "embeddings_on_cpu", "fused_optimizer")
 
 
 def contender_engine(model_dir: Path, shape: str, steps: int, variant: str = "engine"):

@@ -174,6 +174,9 @@ class TrainConfig:
     #: on a GPU with liger-kernel installed, fused Triton kernels for RMSNorm, SwiGLU and RoPE
     #: (the same formulas, computed in one pass)
     fused_kernels: bool = True
+    #: paged_adamw_32bit as one fused AdamW kernel call per step over states in one paged buffer
+    #: (engine/optim.py), instead of bitsandbytes' kernel per parameter; the same arithmetic
+    fused_optimizer: bool = True
     #: CUPTI's unified-memory counters: the paged optimizer's page moves per phase (GPU only)
     paging_counters: bool = True
 

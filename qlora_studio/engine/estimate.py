@@ -283,29 +283,46 @@ def lora_tensors(targets: tuple[Linear, ...], r: int) -> list[int]:
 
 @dataclass(frozen=True)
 class OptimizerBytes:
-    device: int  #: ordinary device tensors
+    device_tensors: tuple[int, ...]  #: ordinary device tensors, one entry per allocation
     paged: int  #: CUDA unified memory (paged optimizers only)
     step_temporary: int  #: extra bytes while ``step()`` runs
 
+    @property
+    def device(self) -> int:
+        return sum(self.device_tensors)
 
-def optimizer_bytes(optimizer: str, tensor_sizes: list[int]) -> OptimizerBytes:
-    """AdamW's two states per trainable tensor, as each optimizer stores them."""
-    device = paged = temporary = 0
+
+def optimizer_bytes(optimizer: str, tensor_sizes: list[int], *, fused: bool = False, cuda: bool = True) -> OptimizerBytes:
+    """AdamW's two states per trainable tensor, as each optimizer stores them.
+
+    ``fused``: ``paged_adamw_32bit`` as engine/optim.py's PagedAdamWFused runs it
+    (``train.fused_optimizer``): both states of every tensor in one buffer each, paged on CUDA
+    whatever their size, and one fp32 step count per tensor in one device tensor.
+    """
+    if fused and optimizer == "paged_adamw_32bit":
+        states = 4 * sum(tensor_sizes)
+        steps = (4 * len(tensor_sizes),) if tensor_sizes else ()
+        if cuda:
+            return OptimizerBytes(steps, 2 * states, 0)
+        return OptimizerBytes((states, states, *steps), 0, 0)
+    device: list[int] = []
+    paged = temporary = 0
     is_paged = optimizer in PAGED_OPTIMIZERS
     for n in tensor_sizes:
         if optimizer.endswith("8bit") and n >= EIGHT_BIT_MIN_NUMEL:
-            states = 2 * n  # two uint8 states
-            device += 2 * 4 * _ceil_div(n, EIGHT_BIT_BLOCK)  # their fp32 absmax, never paged
+            states = [n, n]  # two uint8 states
+            absmax = 4 * _ceil_div(n, EIGHT_BIT_BLOCK)
+            device += [absmax, absmax]  # their fp32 absmax, never paged
         else:
-            states = 2 * 4 * n
+            states = [4 * n, 4 * n]
         if is_paged and n >= PAGED_MIN_NUMEL:
-            paged += states
+            paged += sum(states)
         else:
             device += states
     if optimizer == "adamw_torch":
         # torch.optim.AdamW (foreach) builds a sqrt(v) copy of every state during the step
         temporary = 4 * sum(tensor_sizes)
-    return OptimizerBytes(device, paged, temporary)
+    return OptimizerBytes(tuple(device), paged, temporary)
 
 
 @dataclass(frozen=True)
@@ -1344,6 +1361,7 @@ def _settings(run: RunConfig, seq: int | None = None, batch: int | None = None, 
         "offload_checkpoints": cuda and bool(getattr(t, "offload_checkpoints", False)),
         "embeddings_on_cpu": cuda and bool(getattr(t, "embeddings_on_cpu", False)),
         "fused_kernels": fused_kernels and (liger_installed() if liger is None else bool(liger)),
+        "fused_optimizer": bool(getattr(t, "fused_optimizer", False)),
         "padded": False,
         "device": "cuda",
     }
@@ -1380,7 +1398,7 @@ def _simulate(info: ModelInfo, s: dict[str, Any], replay: bool) -> Estimate:
     cuda = shape.device == "cuda"
     q = quantized_bytes((*info.linears, *info.vision_linears), s["double_quant"])
     sizes = lora_tensors(targets, s["lora_r"])
-    opt = optimizer_bytes(s["optimizer"], sizes)
+    opt = optimizer_bytes(s["optimizer"], sizes, fused=s["fused_optimizer"], cuda=cuda)
     accumulating = s["grad_accum_steps"] > 1
     sixteen_bit = info.unquantized_params - (info.embedding_params if s["embeddings_on_cpu"] else 0)
 
@@ -1388,9 +1406,8 @@ def _simulate(info: ModelInfo, s: dict[str, Any], replay: bool) -> Estimate:
     if replay:
         tl = _Timeline({}, record=cuda, granule=granule)
         _load_weights(tl, info, targets, s)
-        for n in sizes:  # the optimizer's ordinary device states (from its first step on)
-            for state in _halves(optimizer_bytes(s["optimizer"], [n]).device):
-                tl.alloc(state, "optimizer")
+        for nbytes in opt.device_tensors:  # the optimizer's ordinary device tensors (from its first step on)
+            tl.alloc(nbytes, "optimizer")
     else:
         tl = _Timeline({
             "weights_4bit": q.packed, "quant_constants": q.constants, "weights_16bit": c * sixteen_bit,
@@ -1429,11 +1446,6 @@ def _simulate(info: ModelInfo, s: dict[str, Any], replay: bool) -> Estimate:
         pinned += info.layers * c * info.hidden_size * shape.tokens
     return Estimate(info, s, items, tl.peak_phase, allocated, allocated + kinds.get("allocator", 0),
                     sum(i.bytes for i in items), opt.paged, dict(tl.phase_peaks), cpu_pinned=pinned)
-
-
-def _halves(nbytes: int) -> tuple[int, ...]:
-    """An optimizer's two state tensors, ``nbytes`` together."""
-    return (nbytes // 2, nbytes - nbytes // 2) if nbytes else ()
 
 
 def estimate(

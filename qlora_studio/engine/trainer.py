@@ -104,10 +104,10 @@ def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.o
         return torch.optim.AdamW(params, **kwargs)
     import bitsandbytes as bnb
 
-    from .optim import PagedAdamW8bitOneSync, PagedAdamW32bitOneSync
+    from .optim import PagedAdamW8bitOneSync, PagedAdamW32bitOneSync, PagedAdamWFused
 
     cls = {
-        "paged_adamw_32bit": PagedAdamW32bitOneSync,
+        "paged_adamw_32bit": PagedAdamWFused if t.fused_optimizer else PagedAdamW32bitOneSync,
         "paged_adamw_8bit": PagedAdamW8bitOneSync,
         "adamw_32bit": bnb.optim.AdamW32bit,
     }[t.optimizer]
@@ -142,12 +142,19 @@ def count_learned(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE).sum())
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor], impl: str = "standard") -> torch.Tensor:
+def learned_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Indices of the learned next-token positions of a micro-batch, flattened (what ``chunked`` keeps)."""
+    return (labels[:, 1:].reshape(-1) != IGNORE).nonzero().squeeze(1)
+
+
+def loss_sum(model, batch: dict[str, torch.Tensor], impl: str = "standard", keep: torch.Tensor | None = None) -> torch.Tensor:
     """Summed next-token cross-entropy over the learned tokens of a micro-batch.
 
     ``standard`` materialises the logits of every position (as transformers does). ``chunked``
     computes the output head only for learned positions, a chunk at a time (losses.py), so the
-    full-vocabulary logits never exist at once. Both give the same sum.
+    full-vocabulary logits never exist at once. Both give the same sum. ``keep``: the learned
+    positions (:func:`learned_positions`), found from the labels while they were still on the CPU;
+    found here otherwise, which on a GPU waits for the forward pass to finish.
     """
     labels = batch["labels"][:, 1:]
     if impl == "chunked":
@@ -157,7 +164,7 @@ def loss_sum(model, batch: dict[str, torch.Tensor], impl: str = "standard") -> t
             hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
             y = labels.reshape(-1)
-            keep = (y != IGNORE).nonzero().squeeze(1)
+            keep = learned_positions(batch["labels"]) if keep is None else keep
             h, y = h.index_select(0, keep), y.index_select(0, keep)
             chunk = loss_chunk_tokens(head.weight.shape[0])
             if not head.weight.requires_grad:
@@ -191,9 +198,11 @@ def accumulate(model, batches: list[dict[str, torch.Tensor]], cfg: RunConfig, de
     n_learned = max(1, sum(count_learned(b["labels"]) for b in batches))
     total = torch.zeros((), device=device)
     for b in batches:
+        # The learned positions are found on the CPU: on the GPU that would wait for the forward pass.
+        keep = learned_positions(b["labels"]).to(device, non_blocking=True) if cfg.train.loss_impl == "chunked" else None
         b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
         with phase("forward"):
-            loss = loss_sum(model, b, cfg.train.loss_impl) / n_learned
+            loss = loss_sum(model, b, cfg.train.loss_impl, keep) / n_learned
         with phase("backward"):
             loss.backward()
         total += loss.detach()

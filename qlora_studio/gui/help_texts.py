@@ -105,6 +105,10 @@ TIPS: dict[str, str] = {
         "On a recent NVIDIA GPU with liger-kernel installed (pip install 'qlora-studio[fast]'), RMSNorm, "
         "SwiGLU and RoPE each run as one kernel: faster and smaller steps, results equal up to rounding."
     ),
+    "train.fused_optimizer": (
+        "The paged 32-bit AdamW updates every adapter weight in one fused kernel call a step, its state "
+        "in one paged buffer, instead of one call per weight: faster, the same arithmetic."
+    ),
     "train.paging_counters": (
         "Count the paged optimizer's moves between GPU and CPU memory for the GPU Monitor page (needs "
         "cupti-python); reading them costs about 20 ms every 5 seconds."

@@ -103,6 +103,38 @@ def test_real_out_of_memory_is_recovered_under_a_memory_cap(demo_template, tmp_p
     assert devices.memory_stats(device)["mem_peak"] <= cap
 
 
+def test_fused_paged_adamw_keeps_its_state_in_unified_memory_and_does_bitsandbytes_arithmetic():
+    import bitsandbytes as bnb
+
+    from qlora_studio.engine.optim import PagedAdamWFused
+    from qlora_studio.monitor.paging import paged_state_bytes
+
+    torch.manual_seed(0)
+    start = [torch.randn(256, 512, device="cuda"), torch.randn(300, device="cuda"), torch.randn(16, 4096, device="cuda")]
+    grads = [[torch.randn_like(t) for t in start] for _ in range(5)]
+    results = {}
+    for cls in (bnb.optim.PagedAdamW32bit, PagedAdamWFused):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opt = cls(params, lr=1e-2, weight_decay=0.01)
+        for g in grads:
+            for p, gi in zip(params, g):
+                p.grad = gi.clone()
+            opt.step()
+        results[cls] = (params, opt)
+    ours, opt = results[PagedAdamWFused]
+    for a, b in zip(ours, results[bnb.optim.PagedAdamW32bit][0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    hosts = opt.managed_host_tensors()
+    assert opt.paged and len(hosts) == 2
+    numel = sum(t.numel() for t in start)
+    assert paged_state_bytes(opt) == 2 * 4 * numel  # every state, small ones too
+    for host, key in zip(hosts, ("exp_avg", "exp_avg_sq")):
+        first = opt.state[ours[0]][key]
+        assert first.device.type == "cuda" and first.data_ptr() == host.data_ptr()
+        torch.cuda.synchronize()
+        assert torch.equal(host[: first.numel()], first.flatten().cpu())  # the same pages, seen from the CPU
+
+
 def test_a_page_out_during_a_real_run_shows_as_paging_events(demo_template, tmp_path):
     """Train with PagedAdamW; after step 2 touch the paged state from the CPU; step 3 pages it back."""
     pytest.importorskip("cupti", reason="cupti-python is not installed")
@@ -110,7 +142,7 @@ def test_a_page_out_during_a_real_run_shows_as_paging_events(demo_template, tmp_
 
     from qlora_studio.monitor.paging import paged_state_bytes
 
-    # LoRA matrices of at least 100k elements, so bitsandbytes puts their state in paged memory.
+    # LoRA matrices of at least 100k elements: over 30 MiB of paged state.
     model_dir = tmp_path / "model"
     tok = AutoTokenizer.from_pretrained(demo_template / "model")
     config = LlamaConfig(vocab_size=1024, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
@@ -130,10 +162,11 @@ def test_a_page_out_during_a_real_run_shows_as_paging_events(demo_template, tmp_
     def touch_after_step_2(event):
         if event["type"] == "step" and event["step"] == 2:
             size = paged_state_bytes(trainer.optimizer)
-            for state in trainer.optimizer.state.values():
-                for value in state.values():
-                    if getattr(value, "is_paged", False):
-                        value.add_(0.0)  # a CPU write faults every page over to host memory
+            torch.cuda.synchronize()
+            # The fused paged AdamW's states are CUDA views of two unified buffers; bitsandbytes'
+            # CPU-side tensors over those buffers are what the CPU can touch.
+            for host in trainer.optimizer.managed_host_tensors():
+                host.add_(0.0)  # a CPU write faults every page over to host memory
             touched["bytes"] = size
 
     writer.listeners.append(touch_after_step_2)

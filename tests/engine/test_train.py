@@ -128,9 +128,13 @@ def test_chunked_loss_equals_standard(demo_template):
     try:
         standard = trainer.loss_sum(model, batch, "standard")
         chunked = trainer.loss_sum(model, batch, "chunked")
+        keep = trainer.learned_positions(batch["labels"])
+        given = trainer.loss_sum(model, batch, "chunked", keep)  # as the training step passes them
     finally:
         trainer.LOSS_CHUNK_TOKENS = 1024
     torch.testing.assert_close(chunked, standard, rtol=1e-4, atol=1e-3)
+    assert torch.equal(given, chunked)
+    assert 0 < keep.numel() == trainer.count_learned(batch["labels"]) < batch["labels"][:, 1:].numel()
 
 
 def test_frozen_head_cross_entropy_matches_autograd():
@@ -154,10 +158,10 @@ def _oom_when_rows_exceed(limit):
 
     real = trainer.loss_sum
 
-    def fake(model, batch, impl="standard"):
+    def fake(model, batch, impl="standard", keep=None):
         if batch["input_ids"].shape[0] > limit:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(model, batch, impl)
+        return real(model, batch, impl, keep)
 
     return fake
 
@@ -211,6 +215,67 @@ def test_one_sync_paged_adamw_equals_bitsandbytes(name):
     for a, b in zip(*results):
         assert torch.equal(a, b)
     assert state["state"]
+
+
+def _adamw_run(opt_cls, start, grads, **kwargs):
+    params = [torch.nn.Parameter(t.clone()) for t in start]
+    opt = opt_cls(params, lr=1e-2, weight_decay=0.01, **kwargs)
+    for g in grads:
+        for p, gi in zip(params, g):
+            p.grad = gi.clone()
+        opt.step()
+    return params, opt
+
+
+def _adamw_data(steps=4):
+    torch.manual_seed(0)
+    start = [torch.randn(256, 512), torch.randn(300), torch.randn(64, 64)]
+    return start, [[torch.randn_like(t) for t in start] for _ in range(steps)]
+
+
+def test_fused_paged_adamw_does_bitsandbytes_arithmetic():
+    import bitsandbytes as bnb
+
+    from qlora_studio.engine.optim import PagedAdamWFused
+
+    start, grads = _adamw_data(6)
+    ours, opt = _adamw_run(PagedAdamWFused, start, grads)
+    theirs, _ = _adamw_run(bnb.optim.PagedAdamW32bit, start, grads)
+    for a, b, s in zip(ours, theirs, start):
+        assert not torch.equal(a, s)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # every state is a view of one buffer per moment; on the CPU nothing is paged
+    pointers = {state["exp_avg"].untyped_storage().data_ptr() for state in opt.state.values()}
+    assert len(pointers) == 1 and not opt.paged and opt.managed_host_tensors() == []
+    assert all(float(state["step"]) == 6 for state in opt.state.values())
+
+
+def test_fused_paged_adamw_resumes_exactly_and_from_bitsandbytes_state():
+    import bitsandbytes as bnb
+
+    from qlora_studio.engine.optim import PagedAdamWFused
+
+    start, grads = _adamw_data(4)
+    straight, _ = _adamw_run(PagedAdamWFused, start, grads)
+    for first_cls in (PagedAdamWFused, bnb.optim.PagedAdamW32bit):
+        half, first = _adamw_run(first_cls, start, grads[:2])
+        saved = first.state_dict()
+        params = [torch.nn.Parameter(p.detach().clone()) for p in half]
+        opt = PagedAdamWFused(params, lr=5.0, weight_decay=0.5)  # the saved hyperparameters win
+        opt.load_state_dict(saved)
+        for g in grads[2:]:
+            for p, gi in zip(params, g):
+                p.grad = gi.clone()
+            opt.step()
+        for a, b in zip(params, straight):
+            if first_cls is PagedAdamWFused:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert len({s["exp_avg_sq"].untyped_storage().data_ptr() for s in opt.state.values()}) == 1
+    _, eight = _adamw_run(bnb.optim.PagedAdamW8bit, start, grads[:1])
+    with pytest.raises(ValueError, match="8-bit"):
+        PagedAdamWFused([torch.nn.Parameter(t.clone()) for t in start]).load_state_dict(eight.state_dict())
 
 
 def test_step_events_thin_out_on_long_runs():

@@ -71,6 +71,12 @@ def test_optimizer_states_by_kind():
     assert eight.paged == 2 * 100_000
     assert eight.device == 2 * 99_999 + 2 * 4096 + 8 * 4095 + 8 * (-(-100_000 // 256) + -(-99_999 // 256) + 16)
     assert E.optimizer_bytes("adamw_torch", sizes).step_temporary == 4 * sum(sizes)
+    # the engine's fused paged AdamW pages every state, whatever its size; its step counts are one tensor
+    fused = E.optimizer_bytes("paged_adamw_32bit", sizes, fused=True)
+    assert fused.paged == 8 * sum(sizes) and fused.device_tensors == (4 * len(sizes),)
+    on_cpu = E.optimizer_bytes("paged_adamw_32bit", sizes, fused=True, cuda=False)
+    assert on_cpu.paged == 0 and on_cpu.device_tensors == (4 * sum(sizes), 4 * sum(sizes), 4 * len(sizes))
+    assert E.optimizer_bytes("paged_adamw_8bit", sizes, fused=True) == eight  # 8-bit states stay bitsandbytes'
 
 
 def test_lora_targets_follow_the_engine():
