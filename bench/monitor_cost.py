@@ -187,11 +187,10 @@ def _child(argv: list[str], timeout: float) -> dict:
 
 
 def _git_commit() -> str:
-    try:
-        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True)
-        return done.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    sys.path.insert(0, str(ROOT / "bench"))
+    from _results import git_commit  # QS_COMMIT where the tree is a copy (the GPU machine)
+
+    return git_commit()
 
 
 def _environment() -> dict:

@@ -104,8 +104,9 @@ def main() -> int:
     print("-- by CPU time")
     for e in by_cpu:
         print(f"{e.key[:60]:60s} {e.self_device_time_total / 1000:9.1f} {e.self_cpu_time_total / 1000:9.1f} {e.count:7d}")
-    write_result(f"profile-{args.shape}", {"wall_ms": wall * 1000, "gpu_ms": gpu_us / 1000, "steps": args.steps,
-                                            "top_gpu": rows, "phases": phases, "settings": overrides,
+    variant = "".join(f"-{k}-{str(v).lower()}" for k, v in overrides.items()) + ("-gc-off" if args.gc_off else "")
+    write_result(f"profile-{args.shape}{variant}", {"wall_ms": wall * 1000, "gpu_ms": gpu_us / 1000, "steps": args.steps,
+                                            "top_gpu": rows, "phases": phases, "settings": overrides, "gc_off": args.gc_off,
                                             "fast_paths": info.fast_paths})
     return 0
 
