@@ -30,7 +30,7 @@ status=0
 for part in $parts; do
   start=$(date +%s)
   case $part in
-    tests) python3 -m pytest -m gpu tests/engine tests/monitor tests/estimate -v -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -40 ;;
+    tests) QS_RECORD_DIR=$out python3 -m pytest -m gpu tests/engine tests/monitor tests/estimate -v -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -40 ;;
     perf1b) python3 bench/perf_harness.py --shape 1b --contenders ${QS_CONTENDERS:-seed,engine,engine-peft-lora,engine-cupti,unsloth,engine-auto} --results "$out" ;;
     fastpaths) python3 -m pytest -m gpu tests/engine -v -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -25 ;;
     perf8b) python3 bench/perf_harness.py --shape 8b --contenders ${QS_CONTENDERS_8B:-seed,engine,unsloth,engine-auto} --results "$out" ;;

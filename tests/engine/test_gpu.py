@@ -1,5 +1,9 @@
 """The engine on CUDA (run on the GPU machine: pytest -m gpu)."""
 
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -174,6 +178,8 @@ def test_a_page_out_during_a_real_run_shows_as_paging_events(demo_template, tmp_
     writer.listeners.append(touch_after_step_2)
     assert trainer.run().status == "finished"
     writer.close()
+    if os.environ.get("QS_RECORD_DIR"):  # bench/run_gpu.sh keeps this real run's events for the monitor page's tests
+        shutil.copy(run_dir / runs.EVENTS, Path(os.environ["QS_RECORD_DIR"]) / "gpu_run_events.jsonl")
     evts = list(events.read(run_dir / runs.EVENTS))
     size = touched["bytes"]
     assert size > 30 * 2**20
