@@ -11,6 +11,8 @@ from qlora_studio import config as C
 from qlora_studio import events, runs
 from qlora_studio.engine.trainer import StopFlag, Trainer
 
+from .adamw import run_adamw
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
@@ -116,15 +118,7 @@ def test_fused_paged_adamw_keeps_its_state_in_unified_memory_and_does_bitsandbyt
     torch.manual_seed(0)
     start = [torch.randn(256, 512, device="cuda"), torch.randn(300, device="cuda"), torch.randn(16, 4096, device="cuda")]
     grads = [[torch.randn_like(t) for t in start] for _ in range(5)]
-    results = {}
-    for cls in (bnb.optim.PagedAdamW32bit, PagedAdamWFused):
-        params = [torch.nn.Parameter(t.clone()) for t in start]
-        opt = cls(params, lr=1e-2, weight_decay=0.01)
-        for g in grads:
-            for p, gi in zip(params, g):
-                p.grad = gi.clone()
-            opt.step()
-        results[cls] = (params, opt)
+    results = {cls: run_adamw(cls, start, grads) for cls in (bnb.optim.PagedAdamW32bit, PagedAdamWFused)}
     ours, opt = results[PagedAdamWFused]
     for a, b, s in zip(ours, results[bnb.optim.PagedAdamW32bit][0], start):
         # The same updates up to fp32 rounding (the two kernels order their arithmetic differently):

@@ -9,6 +9,8 @@ from qlora_studio import config as C
 from qlora_studio import events, runs
 from qlora_studio.engine.trainer import StopFlag, Trainer
 
+from .adamw import run_adamw
+
 
 def _train(demo: Path, run_dir: Path, resume=False, stop=None, **overrides) -> tuple[str, list[dict]]:
     cfg = C.load(demo / "config.toml")
@@ -204,27 +206,12 @@ def test_one_sync_paged_adamw_equals_bitsandbytes(name):
     grads = [[torch.randn_like(t) for t in start] for _ in range(4)]
     results = []
     for cls in (getattr(bnb.optim, name), ours_cls):
-        params = [torch.nn.Parameter(t.clone()) for t in start]
-        opt = cls(params, lr=1e-2, weight_decay=0.01)
-        for g in grads:
-            for p, gi in zip(params, g):
-                p.grad = gi.clone()
-            opt.step()
+        params, opt = run_adamw(cls, start, grads)
         results.append([p.detach().clone() for p in params])
         state = opt.state_dict()
     for a, b in zip(*results):
         assert torch.equal(a, b)
     assert state["state"]
-
-
-def _adamw_run(opt_cls, start, grads, **kwargs):
-    params = [torch.nn.Parameter(t.clone()) for t in start]
-    opt = opt_cls(params, lr=1e-2, weight_decay=0.01, **kwargs)
-    for g in grads:
-        for p, gi in zip(params, g):
-            p.grad = gi.clone()
-        opt.step()
-    return params, opt
 
 
 def _adamw_data(steps=4):
@@ -239,8 +226,8 @@ def test_fused_paged_adamw_does_bitsandbytes_arithmetic():
     from qlora_studio.engine.optim import PagedAdamWFused
 
     start, grads = _adamw_data(6)
-    ours, opt = _adamw_run(PagedAdamWFused, start, grads)
-    theirs, _ = _adamw_run(bnb.optim.PagedAdamW32bit, start, grads)
+    ours, opt = run_adamw(PagedAdamWFused, start, grads)
+    theirs, _ = run_adamw(bnb.optim.PagedAdamW32bit, start, grads)
     for a, b, s in zip(ours, theirs, start):
         assert not torch.equal(a, s)
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
@@ -256,9 +243,9 @@ def test_fused_paged_adamw_resumes_exactly_and_from_bitsandbytes_state():
     from qlora_studio.engine.optim import PagedAdamWFused
 
     start, grads = _adamw_data(4)
-    straight, _ = _adamw_run(PagedAdamWFused, start, grads)
+    straight, _ = run_adamw(PagedAdamWFused, start, grads)
     for first_cls in (PagedAdamWFused, bnb.optim.PagedAdamW32bit):
-        half, first = _adamw_run(first_cls, start, grads[:2])
+        half, first = run_adamw(first_cls, start, grads[:2])
         saved = first.state_dict()
         params = [torch.nn.Parameter(p.detach().clone()) for p in half]
         opt = PagedAdamWFused(params, lr=5.0, weight_decay=0.5)  # the saved hyperparameters win
@@ -273,7 +260,7 @@ def test_fused_paged_adamw_resumes_exactly_and_from_bitsandbytes_state():
             else:
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
         assert len({s["exp_avg_sq"].untyped_storage().data_ptr() for s in opt.state.values()}) == 1
-    _, eight = _adamw_run(bnb.optim.PagedAdamW8bit, start, grads[:1])
+    _, eight = run_adamw(bnb.optim.PagedAdamW8bit, start, grads[:1])
     with pytest.raises(ValueError, match="8-bit"):
         PagedAdamWFused([torch.nn.Parameter(t.clone()) for t in start]).load_state_dict(eight.state_dict())
 
