@@ -31,22 +31,19 @@ _STATES = ("exp_avg", "exp_avg_sq")
 
 
 class _DevicePointer:
-    """A device pointer described by ``__cuda_array_interface__``, for torch.as_tensor to wrap."""
+    """A device pointer to fp32 values described by ``__cuda_array_interface__``, for torch.as_tensor to wrap."""
 
-    def __init__(self, pointer: int, numel: int, dtype: torch.dtype):
-        typestr = {torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "<V2"}[dtype]
-        self.__cuda_array_interface__ = {"shape": (numel,), "typestr": typestr, "data": (pointer, False),
+    def __init__(self, pointer: int, numel: int):
+        self.__cuda_array_interface__ = {"shape": (numel,), "typestr": "<f4", "data": (pointer, False),
                                          "version": 3, "strides": None}
 
 
-def _managed_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``numel`` zeros in unified memory: bitsandbytes' CPU-side tensor and a CUDA tensor over the same pages."""
+def _managed_buffer(numel: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``numel`` fp32 zeros in unified memory: bitsandbytes' CPU-side tensor and a CUDA tensor over the same pages."""
     import bitsandbytes.functional as bnbF
 
-    host = bnbF.get_paged(numel, dtype=dtype, device=device)
-    view = torch.as_tensor(_DevicePointer(host.data_ptr(), numel, dtype), device=device)
-    if view.dtype != dtype:  # bf16 has no array-interface type string of its own
-        view = view.view(dtype)
+    host = bnbF.get_paged(numel, dtype=torch.float32, device=device)
+    view = torch.as_tensor(_DevicePointer(host.data_ptr(), numel), device=device)
     if view.data_ptr() != host.data_ptr():
         raise RuntimeError("torch copied the managed buffer instead of wrapping it")
     view.zero_()
@@ -57,7 +54,7 @@ class PagedAdamWFused(torch.optim.AdamW):
     """AdamW in torch's fused kernel with its states in paged memory (see the module docstring).
 
     ``paged``: keep the states in unified memory; by default on CUDA, never on the CPU. All
-    parameters must be on one device and of one floating dtype (the engine's LoRA weights are fp32).
+    parameters must be fp32 (the engine keeps LoRA weights in fp32) and on one device.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -65,48 +62,40 @@ class PagedAdamWFused(torch.optim.AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
         params = self._all_params()
         devices = {p.device for p in params}
-        dtypes = {p.dtype for p in params}
-        if len(devices) > 1 or len(dtypes) > 1:
-            raise ValueError(f"PagedAdamWFused needs one device and one dtype; got {devices} and {dtypes}")
+        if len(devices) > 1 or any(p.dtype != torch.float32 for p in params):
+            raise ValueError(f"PagedAdamWFused needs fp32 parameters on one device; got {devices}, "
+                             f"{sorted({str(p.dtype) for p in params})}")
         self.paged = bool(params) and (params[0].device.type == "cuda" if paged is None else paged)
         self._managed: list[torch.Tensor] = []  # bitsandbytes' CPU-side tensors over the unified buffers
-        self._lay_out()
+        self._lay_out(params)
 
     def _all_params(self) -> list[torch.nn.Parameter]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _lay_out(self) -> None:
-        """Give every parameter its state as views of shared buffers, keeping the values it had."""
-        params = self._all_params()
+    def _lay_out(self, params: list[torch.nn.Parameter]) -> None:
+        """Give every parameter its (zero) state as views of shared buffers, allocated once."""
         if not params:
             return
-        device, dtype = params[0].device, params[0].dtype
+        device = params[0].device
         total = sum(p.numel() for p in params)
-        managed, buffers = [], []
+        buffers = []
         for _ in _STATES:
             if self.paged:
-                host, view = _managed_buffer(total, dtype, device)
-                managed.append(host)
+                host, view = _managed_buffer(total, device)
+                self._managed.append(host)
             else:
-                view = torch.zeros(total, dtype=dtype, device=device)
+                view = torch.zeros(total, dtype=torch.float32, device=device)
             buffers.append(view)
         steps = torch.zeros(len(params), dtype=torch.float32, device=device)  # the fused kernel's step counts
         offset = 0
         for i, p in enumerate(params):
-            old = self.state.get(p, {})
-            state: dict[str, Any] = {}
+            state: dict[str, Any] = {"step": steps[i]}
             for key, buffer in zip(_STATES, buffers):
                 view = buffer[offset:offset + p.numel()].view_as(p)
-                if key in old:
-                    view.copy_(old[key])
                 view.is_paged = self.paged  # what the GPU Monitor counts as paged state
                 state[key] = view
-            if "step" in old:
-                steps[i] = float(old["step"])
-            state["step"] = steps[i]
             self.state[p] = state
             offset += p.numel()
-        self._managed = managed
 
     def managed_host_tensors(self) -> list[torch.Tensor]:
         """The unified state buffers as CPU tensors: reading or writing them moves their pages to host memory."""
@@ -122,9 +111,19 @@ class PagedAdamWFused(torch.optim.AdamW):
         return super().step(closure)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by this class or by bitsandbytes' 32-bit AdamW; the states stay paged."""
+        """Load a state saved by this class or by bitsandbytes' 32-bit AdamW, into the same paged buffers."""
+        views = {p: self.state[p] for p in self._all_params()}
         super().load_state_dict(self._from_bitsandbytes(state_dict))
-        self._lay_out()
+        with torch.no_grad():
+            for p, ours in views.items():
+                loaded = self.state.get(p, {})
+                for key in _STATES:
+                    if key in loaded:
+                        ours[key].copy_(loaded[key])
+                    else:
+                        ours[key].zero_()
+                ours["step"].fill_(float(loaded.get("step", 0.0)))
+                self.state[p] = ours
 
     def _from_bitsandbytes(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """bitsandbytes' 32-bit AdamW keeps ``state1``/``state2`` and an integer step: the same two moments."""

@@ -107,7 +107,9 @@ def build_optimizer(cfg: RunConfig, params: list[torch.nn.Parameter]) -> torch.o
     from .optim import PagedAdamW8bitOneSync, PagedAdamW32bitOneSync, PagedAdamWFused
 
     cls = {
-        "paged_adamw_32bit": PagedAdamWFused if t.fused_optimizer else PagedAdamW32bitOneSync,
+        # The fused optimizer wants fp32 weights, as PEFT keeps adapters over a 4-bit base.
+        "paged_adamw_32bit": PagedAdamWFused if t.fused_optimizer and all(p.dtype == torch.float32 for p in params)
+        else PagedAdamW32bitOneSync,
         "paged_adamw_8bit": PagedAdamW8bitOneSync,
         "adamw_32bit": bnb.optim.AdamW32bit,
     }[t.optimizer]

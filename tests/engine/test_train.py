@@ -235,6 +235,8 @@ def test_fused_paged_adamw_does_bitsandbytes_arithmetic():
     pointers = {state["exp_avg"].untyped_storage().data_ptr() for state in opt.state.values()}
     assert len(pointers) == 1 and not opt.paged and opt.managed_host_tensors() == []
     assert all(float(state["step"]) == 6 for state in opt.state.values())
+    with pytest.raises(ValueError, match="fp32"):
+        PagedAdamWFused([torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))])
 
 
 def test_fused_paged_adamw_resumes_exactly_and_from_bitsandbytes_state():
@@ -249,7 +251,9 @@ def test_fused_paged_adamw_resumes_exactly_and_from_bitsandbytes_state():
         saved = first.state_dict()
         params = [torch.nn.Parameter(p.detach().clone()) for p in half]
         opt = PagedAdamWFused(params, lr=5.0, weight_decay=0.5)  # the saved hyperparameters win
+        buffer = opt.state[params[0]]["exp_avg"].untyped_storage().data_ptr()
         opt.load_state_dict(saved)
+        assert opt.state[params[-1]]["exp_avg"].untyped_storage().data_ptr() == buffer  # loaded into the same buffers
         for g in grads[2:]:
             for p, gi in zip(params, g):
                 p.grad = gi.clone()
