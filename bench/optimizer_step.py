@@ -1,4 +1,4 @@
-"""What the optimizer step costs for all-linear LoRA, and what a multi-tensor paged AdamW would save.
+"""What the optimizer step costs for all-linear LoRA, and what the engine's multi-tensor paged AdamW saves.
 
 bitsandbytes' paged AdamW updates one parameter at a time from Python (a prefetch of each state and
 one kernel per parameter: 224 parameters for LoRA on the 1B shape, 448 on the 8B shape). This
@@ -8,8 +8,8 @@ projections, as bench/perf_harness.py) for:
   bnb          bitsandbytes' PagedAdamW32bit, as the seed recipe and Unsloth use it
   one-sync     this engine's PagedAdamW32bitOneSync (engine/optim.py)
   torch-fused  torch's AdamW(fused=True), state in ordinary GPU memory (not paged)
-  fused-paged  torch's fused AdamW with both states in one managed (paged) buffer of bitsandbytes',
-               prefetched to the GPU once per step: a candidate for the engine
+  fused-paged  this engine's PagedAdamWFused (engine/optim.py): torch's fused AdamW with both states
+               in managed (paged) buffers of bitsandbytes', prefetched to the GPU once per step
 
 It reports, per variant, the host time of ``step()`` (until it returns) and the step's wall time
 with the GPU drained, as medians over the timed steps, and checks that the parameters after the
@@ -50,42 +50,6 @@ def lora_shapes(shape: str) -> list[tuple[int, int]]:
     return out
 
 
-class _CudaArray:
-    """A device pointer described by ``__cuda_array_interface__``, for torch.as_tensor to wrap."""
-
-    def __init__(self, pointer: int, numel: int):
-        self.__cuda_array_interface__ = {"shape": (numel,), "typestr": "<f4", "data": (pointer, False),
-                                         "version": 3, "strides": None}
-
-
-def fused_paged(params, lr, betas, weight_decay):
-    """torch's fused AdamW whose two states are views of one managed buffer each."""
-    import bitsandbytes.functional as F
-    import torch
-
-    device = params[0].device
-    numel = sum(p.numel() for p in params)
-    managed = [F.get_paged(numel, dtype=torch.float32, device=device) for _ in range(2)]
-    buffers = [torch.as_tensor(_CudaArray(m.data_ptr(), numel), device=device) for m in managed]
-    for b in buffers:
-        b.zero_()
-    opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        opt.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=device),
-                        "exp_avg": buffers[0][offset:offset + n].view_as(p),
-                        "exp_avg_sq": buffers[1][offset:offset + n].view_as(p)}
-        offset += n
-
-    def step():
-        for m in managed:
-            F.prefetch_tensor(m)
-        opt.step()
-
-    return opt, step
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=("1b", "8b"), default="1b")
@@ -95,7 +59,7 @@ def main() -> int:
     import bitsandbytes as bnb
     import torch
 
-    from qlora_studio.engine.optim import PagedAdamW32bitOneSync
+    from qlora_studio.engine.optim import PagedAdamW32bitOneSync, PagedAdamWFused
 
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -118,7 +82,8 @@ def main() -> int:
         if name == "torch-fused":
             opt = torch.optim.AdamW(params, fused=True, **hyper)
             return params, opt.step
-        return params, fused_paged(params, **hyper)[1]
+        opt = PagedAdamWFused(params, **hyper)
+        return params, opt.step
 
     rows, finals = [], {}
     for name in ("bnb", "one-sync", "torch-fused", "fused-paged"):
