@@ -39,6 +39,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT / "bench"))
+
+from _results import git_commit  # QS_COMMIT where the tree is a copy (the GPU machine)
 GIB = float(1 << 30)
 
 
@@ -186,13 +189,6 @@ def _child(argv: list[str], timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
-def _git_commit() -> str:
-    sys.path.insert(0, str(ROOT / "bench"))
-    from _results import git_commit  # QS_COMMIT where the tree is a copy (the GPU machine)
-
-    return git_commit()
-
-
 def _environment() -> dict:
     env = {"python": platform.python_version(), "host": platform.node(), "cpus": os.cpu_count()}
     try:
@@ -242,7 +238,7 @@ def main() -> int:
         return 0
 
     result: dict = {
-        "date": dt.datetime.now().isoformat(timespec="seconds"), "commit": _git_commit(), "environment": _environment(),
+        "date": dt.datetime.now().isoformat(timespec="seconds"), "commit": git_commit(), "environment": _environment(),
     }
     timeout = args.sampler_s + 120
     sampler = ["--child", "sampler", "--sampler-s", str(args.sampler_s), "--pcie-interval"]
