@@ -41,15 +41,16 @@ def test_estimate_matches_a_cuda_step(model_folder, checkpointing, loss, fused, 
     measured in its own process (gpu_step.py), as each training run has its own worker."""
     from qlora_studio.engine.modelinfo import read_model_config
 
-    train = {"gradient_checkpointing": checkpointing, "loss_impl": loss, "fused_lora": fused,
-             "offload_checkpoints": fast, "embeddings_on_cpu": fast, "fused_kernels": fast}
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("gpu_step.py")), str(model_folder), json.dumps(train)],
+    run = {"model": {"name_or_path": str(model_folder)}, "data": {"max_seq_len": 1024},
+           "train": {"micro_batch_size": 4, "grad_accum_steps": 1, "device": "cuda",
+                     "gradient_checkpointing": checkpointing, "loss_impl": loss, "fused_lora": fused,
+                     "offload_checkpoints": fast, "embeddings_on_cpu": fast, "fused_kernels": fast}}
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("gpu_step.py")), json.dumps(run)],
                           capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     assert ("embeddings_on_cpu" in measured["paths"]) is fast
-    cfg = C.from_dict({"model": {"name_or_path": str(model_folder)}, "data": {"max_seq_len": 1024},
-                       "train": {"micro_batch_size": 4, "grad_accum_steps": 1, "device": "cuda", **train}})
+    cfg = C.from_dict(run)
     est = E.estimate(read_model_config(str(model_folder)), cfg, suggest=False, liger="fused_kernels" in measured["paths"])
     allocated = measured["allocated"]
     assert est.allocated == pytest.approx(allocated, rel=0.05), (est.allocated / 2**20, allocated / 2**20)
