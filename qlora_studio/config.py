@@ -177,6 +177,10 @@ class TrainConfig:
     #: paged_adamw_32bit as one fused AdamW kernel call per step over states in one paged buffer
     #: (engine/optim.py), instead of bitsandbytes' kernel per parameter; the same arithmetic
     fused_optimizer: bool = True
+    #: on a GPU, with offload_checkpoints, each checkpointed layer's forward and backward are
+    #: recorded once per input shape as CUDA graphs and replayed (engine/layer_graphs.py): the same
+    #: kernels without the host's per-kernel cost
+    cuda_graphs: bool = True
     #: CUPTI's unified-memory counters: the paged optimizer's page moves per phase (GPU only)
     paging_counters: bool = True
 

@@ -383,8 +383,13 @@ def gpu_fast_paths(model, cfg: RunConfig, device: torch.device) -> list[str]:
     triton_ok = torch.cuda.get_device_capability(device) >= (7, 5)
     if cfg.train.fused_kernels and triton_ok and fused_kernels(model.get_base_model()):
         used.append("fused_kernels")
-    if cfg.train.gradient_checkpointing and cfg.train.offload_checkpoints and offload.use_offloaded_checkpointing(model):
-        used.append("offload_checkpoints")
+    if cfg.train.gradient_checkpointing and cfg.train.offload_checkpoints:
+        layers, graphs = offload.use_offloaded_checkpointing(model, cuda_graphs=cfg.train.cuda_graphs)
+        if layers:
+            used.append("offload_checkpoints")
+        if graphs is not None:
+            used.append("cuda_graphs")
+            model.layer_graphs = graphs  # for the benchmark's memory figure (the graphs' pool)
     if cfg.train.embeddings_on_cpu and offload.embeddings_on_cpu(model.get_base_model()):
         used.append("embeddings_on_cpu")
     if used:

@@ -15,11 +15,27 @@ hidden states first). It needs CUDA; on the CPU the ordinary checkpoint stays.
 
 from __future__ import annotations
 
+import collections
 import weakref
 
 import torch
 
 _streams: dict[int, torch.cuda.Stream] = {}
+#: how many layers the host may queue ahead of the GPU
+LAYERS_AHEAD = 3
+_queued: collections.deque[torch.cuda.Event] = collections.deque()
+
+
+def _keep_pace(done: torch.cuda.Event) -> None:
+    """Wait until the GPU is at most :data:`LAYERS_AHEAD` layers behind (``done``: this layer's end).
+
+    A host far ahead of the GPU (the layers replayed as CUDA graphs) keeps every queued layer's
+    memory in use: the inputs waiting for their copy to CPU memory in forward, those fetched back
+    in backward. The GPU stays busy with the layers still queued.
+    """
+    _queued.append(done)
+    while len(_queued) > LAYERS_AHEAD:
+        _queued.popleft().synchronize()
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
@@ -42,7 +58,10 @@ class _Saved:
         stream.wait_stream(torch.cuda.current_stream(hidden.device))
         with torch.cuda.stream(stream):
             self.host.copy_(hidden, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(stream)
         hidden.record_stream(stream)  # the allocator keeps its memory until the copy is done
+        _keep_pace(copied)
         self.back: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
         # The layer before this one: its backward comes next. A weak reference, so that a forward
@@ -78,11 +97,15 @@ class _Saved:
 
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, hidden, anchor, *rest):
-        ctx.run, ctx.rest = run, rest
+    def forward(ctx, run, graphs, hidden, anchor, *rest):
+        ctx.run, ctx.rest, ctx.graphs = run, rest, graphs
         ctx.rng_cpu = torch.get_rng_state()
         ctx.rng_cuda = torch.cuda.get_rng_state(hidden.device)
         ctx.saved = _Saved(hidden)
+        if graphs is not None:
+            out = graphs.forward(run, hidden, rest, ctx.rng_cuda)
+            if out is not None:
+                return out
         with torch.no_grad():
             return run(hidden, *rest)
 
@@ -91,29 +114,39 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         saved: _Saved = ctx.saved
         hidden = saved.take().detach().requires_grad_(saved.requires_grad)
         saved.fetch_previous()  # copies while this layer recomputes
+        graphs, done, grad_in = ctx.graphs, False, None
         with torch.random.fork_rng(devices=[hidden.device]):
             torch.set_rng_state(ctx.rng_cpu)
             torch.cuda.set_rng_state(ctx.rng_cuda, hidden.device)
-            with torch.enable_grad():
-                out = ctx.run(hidden, *ctx.rest)
-        outs = out if isinstance(out, tuple) else (out,)
-        pairs = [(o, g) for o, g in zip(outs, grads)
-                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            if graphs is not None and len(grads) == 1 and grads[0] is not None:
+                done, grad_in = graphs.backward(ctx.run, hidden, ctx.rest, grads[0], ctx.rng_cuda)
+            if not done:
+                with torch.enable_grad():
+                    out = ctx.run(hidden, *ctx.rest)
+        if not done:
+            outs = out if isinstance(out, tuple) else (out,)
+            pairs = [(o, g) for o, g in zip(outs, grads)
+                     if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            grad_in = hidden.grad if saved.requires_grad else None
+        done_event = torch.cuda.Event()
+        done_event.record(torch.cuda.current_stream(hidden.device))
+        _keep_pace(done_event)
         n_rest = len(ctx.rest)
-        ctx.run = ctx.rest = ctx.saved = None
-        return (None, hidden.grad if saved.requires_grad else None, None) + (None,) * n_rest
+        ctx.run = ctx.rest = ctx.saved = ctx.graphs = None
+        return (None, None, grad_in, None) + (None,) * n_rest
 
 
 _anchors: dict[torch.device, torch.Tensor] = {}
 
 
-def offloaded_checkpoint(function, hidden: torch.Tensor, *rest):
+def offloaded_checkpoint(function, hidden: torch.Tensor, *rest, graphs=None):
     """``function(hidden, *rest)``, keeping only ``hidden`` for backward, and that in CPU memory.
 
     ``anchor`` is an empty tensor that requires grad, so the result requires grad (and the layer's
     adapters get their gradients) even when ``hidden`` does not, as for the first layer's input.
+    ``graphs``: the layer's :class:`~.layer_graphs.LayerGraphs`, which replay its passes as CUDA graphs.
     """
     if any(isinstance(t, torch.Tensor) and t.requires_grad for t in rest):
         # Only the hidden states get a gradient here; anything else that needs one takes the usual path.
@@ -123,17 +156,105 @@ def offloaded_checkpoint(function, hidden: torch.Tensor, *rest):
     anchor = _anchors.get(hidden.device)
     if anchor is None:
         anchor = _anchors[hidden.device] = torch.empty(0, device=hidden.device, requires_grad=True)
-    return _OffloadedCheckpoint.apply(function, hidden, anchor, *rest)
+    return _OffloadedCheckpoint.apply(function, graphs, hidden, anchor, *rest)
 
 
-def use_offloaded_checkpointing(model) -> int:
-    """Make every checkpointed layer of ``model`` offload its input; returns how many layers."""
+def use_offloaded_checkpointing(model, cuda_graphs: bool = False):
+    """Make every checkpointed layer of ``model`` offload its input; returns how many layers and,
+    with ``cuda_graphs``, the :class:`~.layer_graphs.GraphContext` the layers' graphs share (else None).
+
+    A Llama-style layer is checkpointed as its two residual blocks (:func:`split_layer`), any other
+    layer whole."""
+    from functools import partial
+
+    from .layer_graphs import GraphContext, LayerGraphs
+
+    context = None
+
+    def graphs_for(module):
+        nonlocal context
+        if not cuda_graphs:
+            return None
+        if context is None:
+            context = GraphContext(next(model.parameters()).device)
+        return LayerGraphs(context, module)
+
     count = 0
     for module in model.modules():
         if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
-            module._gradient_checkpointing_func = offloaded_checkpoint
+            if split_layer(module, graphs_for):
+                module._gradient_checkpointing_func = _direct
+            else:
+                module._gradient_checkpointing_func = partial(offloaded_checkpoint, graphs=graphs_for(module))
             count += 1
-    return count
+    return count, context
+
+
+def _direct(function, *args):
+    return function(*args)
+
+
+#: the children of a Llama-style decoder layer: h + attn(norm1(h)), then h + mlp(norm2(h))
+BLOCKS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+def split_layer(layer: torch.nn.Module, graphs_for=lambda module: None) -> bool:
+    """Checkpoint a Llama-style decoder layer as two blocks, norm and attention, norm and MLP.
+
+    Both residual adds stay outside, in the layer's own forward. Backward then recomputes and
+    differentiates one block at a time, so only one block's activations exist at once (for the MLP
+    block of an 8B model about half of the layer's), for one more input in CPU memory per layer.
+    The same operations on the same values as the whole layer's recomputation.
+
+    It works on the layer's children in place, so the model's structure and weights' names stay:
+    while training with gradients, each norm passes its input through and the block after it
+    applies the norm inside its checkpoint; otherwise (evaluation, generation) everything runs as
+    before. Returns False, changing nothing, for a layer with other children (Gemma's four norms).
+    """
+    from functools import partial
+
+    if {name for name, _ in layer.named_children()} != set(BLOCKS):
+        return False
+    norm1, attn, norm2, mlp = (getattr(layer, name) for name in BLOCKS)
+    norm1_forward, attn_forward, norm2_forward, mlp_forward = norm1.forward, attn.forward, norm2.forward, mlp.forward
+    attn_graphs, mlp_graphs = graphs_for(attn), graphs_for(mlp)
+
+    def checkpointing() -> bool:
+        return layer.training and torch.is_grad_enabled()
+
+    returns_tuple = [True]  # the attention's output: (output, weights) in transformers' models
+
+    def attention_block(hidden, *extra, by_name: bool, **kwargs):
+        normed = norm1_forward(hidden)
+        out = attn_forward(hidden_states=normed, **kwargs) if by_name else attn_forward(normed, *extra, **kwargs)
+        returns_tuple[0] = isinstance(out, tuple)
+        return out[0] if returns_tuple[0] else out
+
+    def mlp_block(hidden):
+        return mlp_forward(norm2_forward(hidden))
+
+    def norm1_pass(hidden):
+        return hidden if checkpointing() else norm1_forward(hidden)
+
+    def norm2_pass(hidden):
+        return hidden if checkpointing() else norm2_forward(hidden)
+
+    def attn_checkpointed(*args, **kwargs):
+        if not checkpointing():
+            return attn_forward(*args, **kwargs)
+        by_name = "hidden_states" in kwargs
+        hidden, extra = (kwargs.pop("hidden_states"), args) if by_name else (args[0], args[1:])
+        run = partial(attention_block, by_name=by_name, **kwargs)
+        out = offloaded_checkpoint(run, hidden, *extra, graphs=attn_graphs)
+        return (out, None) if returns_tuple[0] else out
+
+    def mlp_checkpointed(hidden):
+        if not checkpointing():
+            return mlp_forward(hidden)
+        return offloaded_checkpoint(mlp_block, hidden, graphs=mlp_graphs)
+
+    norm1.forward, attn.forward, norm2.forward, mlp.forward = norm1_pass, attn_checkpointed, norm2_pass, mlp_checkpointed
+    return True
 
 
 def embeddings_on_cpu(model) -> bool:
