@@ -9,13 +9,13 @@ from qlora_studio import config as C
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-OFF = {"offload_checkpoints": False, "embeddings_on_cpu": False, "fused_kernels": False}
+OFF = {"offload_checkpoints": False, "embeddings_on_cpu": False, "fused_kernels": False, "cuda_graphs": False}
 
 
-def _loss_and_grads(demo_template, dropout: float, **train):
+def model_and_batch(demo_template, dropout: float, **train):
+    """The demo model with the given train settings, the same adapter values every time, and a batch."""
     from qlora_studio.engine.data import Batcher, collate, load_dataset
     from qlora_studio.engine.model import load_model
-    from qlora_studio.engine.trainer import loss_sum
 
     cfg = C.replace(C.load(demo_template / "config.toml"), lora={"dropout": dropout},
                     train={"device": "cuda", "gradient_checkpointing": True, **train})
@@ -29,6 +29,13 @@ def _loss_and_grads(demo_template, dropout: float, **train):
     model.train()
     data = load_dataset(cfg.data, tok, demo_template)
     batch = {k: v.cuda() for k, v in collate(Batcher(data.train, 8, 0).next(), tok.pad_token_id).items()}
+    return model, batch, info
+
+
+def _loss_and_grads(demo_template, dropout: float, **train):
+    from qlora_studio.engine.trainer import loss_sum
+
+    model, batch, info = model_and_batch(demo_template, dropout, **train)
     torch.manual_seed(123)  # the same dropout masks for every model
     loss = loss_sum(model, batch, "chunked")
     loss.backward()
@@ -36,7 +43,7 @@ def _loss_and_grads(demo_template, dropout: float, **train):
     return float(loss), grads, info
 
 
-def _close(a: dict, b: dict, rel: float) -> None:
+def close(a: dict, b: dict, rel: float) -> None:
     assert a.keys() == b.keys()
     for name in a:
         assert a[name].norm() > 0, name
@@ -53,7 +60,7 @@ def test_offloaded_checkpoints_and_cpu_embeddings_give_the_same_loss_and_gradien
     # The same kernels on the same inputs, with the dropout masks replayed: equal up to the order of
     # the gradient accumulation's additions.
     assert loss == pytest.approx(loss_ref, rel=1e-6)
-    _close(grads_ref, grads, 1e-3)
+    close(grads_ref, grads, 1e-3)
 
 
 def test_fused_kernels_give_the_same_loss_and_gradients_within_rounding(demo_template):
@@ -63,4 +70,4 @@ def test_fused_kernels_give_the_same_loss_and_gradients_within_rounding(demo_tem
     assert info.fast_paths == ["fused_kernels"]
     # The same formulas; bf16 intermediates are rounded at different places.
     assert loss == pytest.approx(loss_ref, rel=1e-2)
-    _close(grads_ref, grads, 5e-2)
+    close(grads_ref, grads, 5e-2)

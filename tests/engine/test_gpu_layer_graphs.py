@@ -1,0 +1,113 @@
+"""CUDA graphs of the checkpointed layers (engine/layer_graphs.py) replay the eager layer's kernels:
+the same losses and adapter gradients, dropout included, over recording and replays, with and
+without gradient accumulation; a layer that cannot be recorded runs eagerly. Run on the GPU
+machine: pytest -m gpu."""
+
+import logging
+
+import pytest
+import torch
+
+from .test_gpu_fast_paths import close, model_and_batch
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+# zero the gradients before the pass? pass 2 adds to an eager pass's gradients, pass 4 to a replay's
+ZERO_BEFORE = [True, False, True, False]
+
+
+def _passes(demo_template, dropout: float, **train):
+    from qlora_studio.engine.trainer import loss_sum
+
+    model, batch, info = model_and_batch(demo_template, dropout, fused_kernels=False, **train)
+    results = []
+    for i, zero in enumerate(ZERO_BEFORE):
+        if zero:
+            for p in model.parameters():
+                p.grad = None
+        torch.manual_seed(100 + i)
+        loss = loss_sum(model, batch, "chunked")
+        loss.backward()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((float(loss), grads))
+    return results, info, getattr(model, "layer_graphs", None)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_replayed_layers_give_the_eager_losses_and_gradients(demo_template, dropout):
+    eager, info_eager, none = _passes(demo_template, dropout, cuda_graphs=False)
+    graphed, info, context = _passes(demo_template, dropout, cuda_graphs=True)
+    assert none is None and "cuda_graphs" not in info_eager.fast_paths
+    assert "cuda_graphs" in info.fast_paths
+    assert context.disabled is None
+    assert context.graphs > 0 and context.pool_bytes() > 0
+    for (loss_ref, grads_ref), (loss, grads) in zip(eager, graphed):
+        # The same kernels on the same inputs and dropout masks; only cuBLAS's choice of algorithm
+        # inside a recording may differ.
+        assert loss == pytest.approx(loss_ref, rel=1e-5)
+        close(grads_ref, grads, 1e-3)
+    # Different dropout masks per pass: the passes differ, so the comparison above is not vacuous.
+    if dropout:
+        assert eager[0][0] != eager[2][0]
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, sync: bool):
+        super().__init__()
+        self.sync = sync
+        self.lin = torch.nn.Linear(256, 256, device="cuda")
+        self.drop = torch.nn.Dropout(0.2)
+
+    def forward(self, h: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if self.sync and float(h.abs().amax()) > 1e30:  # a read on the host, which a recording refuses
+            h = h * 0
+        return self.drop(torch.nn.functional.gelu(self.lin(h))) * scale + h
+
+
+def _run(layer, graphs, x, scale, passes=3):
+    from qlora_studio.engine.offload import offloaded_checkpoint
+
+    layer.train()
+    out = None
+    for i in range(passes):
+        torch.manual_seed(7 + i)
+        h = x.clone().requires_grad_(True)
+        out = offloaded_checkpoint(lambda t, s: layer(t, s), h, scale, graphs=graphs)
+        out.square().sum().backward()
+    return out.detach(), layer.lin.weight.grad.clone(), h.grad.clone()
+
+
+def test_a_small_layer_is_recorded_and_accumulates_as_eager():
+    from qlora_studio.engine.layer_graphs import GraphContext, LayerGraphs
+
+    torch.manual_seed(0)
+    eager_layer = _Layer(sync=False)
+    graph_layer = _Layer(sync=False)
+    graph_layer.load_state_dict(eager_layer.state_dict())
+    x = torch.randn(8, 256, device="cuda")
+    scale = torch.full((), 0.5, device="cuda")
+    ref = _run(eager_layer, None, x, scale)
+    context = GraphContext(torch.device("cuda", 0))
+    got = _run(graph_layer, LayerGraphs(context, graph_layer), x, scale)
+    assert context.graphs == 2 and context.disabled is None
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_layer_that_cannot_be_recorded_runs_eagerly_with_a_warning(caplog):
+    from qlora_studio.engine.layer_graphs import GraphContext, LayerGraphs
+
+    torch.manual_seed(0)
+    eager_layer = _Layer(sync=True)
+    graph_layer = _Layer(sync=True)
+    graph_layer.load_state_dict(eager_layer.state_dict())
+    x = torch.randn(8, 256, device="cuda")
+    scale = torch.full((), 0.5, device="cuda")
+    ref = _run(eager_layer, None, x, scale)
+    context = GraphContext(torch.device("cuda", 0))
+    with caplog.at_level(logging.WARNING):
+        got = _run(graph_layer, LayerGraphs(context, graph_layer), x, scale)
+    assert context.graphs == 0 and "failed" in context.disabled
+    assert "CUDA graphs off" in caplog.text
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
