@@ -58,6 +58,9 @@ EIGHT_BIT_BLOCK = 256  #: elements per fp32 absmax of a blockwise 8-bit state
 # --- the engine (engine/trainer.py) ---------------------------------------------------------
 LOSS_CHUNK_TOKENS = 1024  #: at most this many tokens per output-head chunk of the ``chunked`` loss (as trainer.py)
 LOSS_LOGITS_BYTES = 128 << 20  #: and at most this much for a chunk's fp32 logits (as trainer.py)
+LAYERS_AHEAD = 3  #: passes the host queues ahead of the GPU, their inputs still on it (as offload.py)
+#: ``model_type`` values whose decoder layers offload.split_layer checkpoints as two blocks
+SPLIT_LAYER_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "smollm3", "gemma"})
 
 
 def loss_chunk_tokens(vocab_size: int) -> int:
@@ -368,6 +371,11 @@ class _Timeline:
         self.peak_phase = ""
         self._peak_kinds: dict[str, int] = {}
         self._at_peak = False  # nothing has changed since the last new peak
+        #: allocations go to the CUDA graphs' private pool (engine/layer_graphs.py), apart from the rest
+        self.in_pool = False
+        self._pool: set[int] = set()
+        self.pool_now = self.pool_peak = 0
+        self.pool_events: list[tuple[int, int, int]] | None = [] if record else None
 
     def alloc(self, nbytes: int, kind: str = "work", stream: int = 0) -> int:
         """A new tensor; ``stream`` 1 is a side stream (the caching allocator keeps its blocks apart)."""
@@ -376,6 +384,13 @@ class _Timeline:
         granule = self.granule
         nbytes = -(-int(nbytes) // granule) * granule if nbytes > 0 else 0
         self._tensors[handle] = [nbytes, kind, 1]
+        if self.in_pool:
+            self._pool.add(handle)
+            if self.pool_events is not None and nbytes:
+                self.pool_events.append((handle, nbytes, 0))
+            self.pool_now += nbytes
+            self.pool_peak = max(self.pool_peak, self.pool_now)
+            return handle
         if nbytes:
             if self.events is not None:
                 self.events.append((handle, nbytes, stream))
@@ -396,7 +411,12 @@ class _Timeline:
             tensor[2] -= 1
             if tensor[2] == 0:
                 del self._tensors[handle]
-                if tensor[0]:
+                if handle in self._pool:
+                    self._pool.discard(handle)
+                    self.pool_now -= tensor[0]
+                    if self.pool_events is not None and tensor[0]:
+                        self.pool_events.append((handle, 0, 0))
+                elif tensor[0]:
                     self._settle_peak()
                     if self.events is not None:
                         self.events.append((handle, 0, 0))
@@ -415,7 +435,7 @@ class _Timeline:
         tensor = self._tensors.get(handle)
         if tensor is not None:
             tensor[2] += 1
-            if tensor[1] != "activations":
+            if tensor[1] != "activations" and handle not in self._pool:
                 self._settle_peak()
                 self.by_kind[tensor[1]] -= tensor[0]
                 self.by_kind["activations"] = self.by_kind.get("activations", 0) + tensor[0]
@@ -438,6 +458,27 @@ class _Timeline:
     def reset_peak(self) -> None:
         """Watch for the peak from now on (after loading, say)."""
         self.peak, self.phase_peaks, self._at_peak = self.now, {}, True
+
+    @contextlib.contextmanager
+    def graph(self):
+        """One CUDA graph's replay: its tensors come from the graphs' pool, and none outlives it."""
+        self.in_pool = True
+        try:
+            yield
+        finally:
+            self.in_pool = False
+            for handle in list(self._pool):
+                tensor = self._tensors.pop(handle, None)
+                if tensor is not None:
+                    self.pool_now -= tensor[0]
+                    if self.pool_events is not None and tensor[0]:
+                        self.pool_events.append((handle, 0, 0))
+            self._pool.clear()
+
+    @property
+    def pool_bytes(self) -> int:
+        """The graphs' pool: its reserved memory, with the allocator replayed when recorded."""
+        return _reserved(self.pool_events) if self.pool_events else self.pool_peak
 
 
 class _StepSimulation:
@@ -473,6 +514,12 @@ class _StepSimulation:
         self.checkpointing = settings["gradient_checkpointing"]
         #: offload.py's checkpoint: layer inputs wait in CPU memory, a layer is recomputed whole
         self.offload = self.checkpointing and settings["offload_checkpoints"] and self.cuda
+        #: ... or, for a Llama-style layer, as its two blocks (offload.split_layer)
+        self.split = self.offload and info.model_type in SPLIT_LAYER_TYPES and info.norms_per_layer == 2
+        #: layer_graphs.py: the checkpointed passes replayed as CUDA graphs from their own pool
+        self.graphs = self.offload and bool(settings.get("cuda_graphs"))
+        self._graph_grads: list[int] = []
+        self._in_flight: list[int] = []
         #: liger-kernel's RMSNorm, SwiGLU/GEGLU and RoPE (engine/model.py::fused_kernels), or None
         self.kernels = FUSED_KERNELS.get(info.model_type) if settings.get("fused_kernels") and self.cuda else None
         # transformers' gradient_checkpointing_enable() hooks the embeddings so that their output
@@ -635,7 +682,9 @@ class _StepSimulation:
         return total
 
     def _param_grad(self, nbytes: int) -> None:
-        if self.grads_present:  # a later micro-batch: the new gradient is added in place to .grad
+        if self.tl.in_pool:  # a replay: autograd's gradient, added into the .grad kept for the graphs at its end
+            self._graph_grads.append(self.tl.alloc(nbytes))
+        elif self.grads_present:  # a later micro-batch: the new gradient is added in place to .grad
             self.tl.free(self.tl.alloc(nbytes))
         else:
             self.grad_handles.append(self.tl.alloc(nbytes, "gradients"))
@@ -1084,6 +1133,103 @@ class _StepSimulation:
         tl.free(g_shift)
         return g_hidden
 
+    # --- the blocks of a split layer (offload.split_layer) and the graphs' replays ------------
+
+    def block_forward(self, kind: str, x: int, input_grad: bool, keep: bool) -> tuple[int, dict[str, Any]]:
+        """Norm and attention (``kind`` "attn") or norm and MLP ("mlp"); the residual add is outside."""
+        tl, t, h = self.tl, self.t, self.info.hidden_size
+        saved: dict[str, Any] = {}
+        n, saved["norm"] = self.norm_forward(x, h, t, input_grad or kind == "mlp", keep)
+        if kind == "attn":
+            out, saved["attn"] = self.attention_forward(n, input_grad, keep)
+        else:
+            out, saved["mlp"] = self.mlp_forward(n, keep)
+        tl.free(n)
+        return out, saved
+
+    def block_backward(self, kind: str, grad: int, saved: dict[str, Any], input_grad: bool) -> int | None:
+        """The block input's gradient; ``grad`` belongs to the caller."""
+        tl, t, h = self.tl, self.t, self.info.hidden_size
+        if kind == "attn":
+            g_n = self.attention_backward(grad, saved["attn"], input_grad)
+            if not input_grad:
+                return None
+        else:
+            g_n = self.mlp_backward(grad, saved["mlp"])
+        g_x = self.norm_backward(g_n, h, t, saved["norm"])
+        tl.free(g_n)
+        return g_x
+
+    def _forward_pass(self, kind: str, x: int, input_grad: bool) -> int:
+        """A checkpointed pass under no_grad: its output (a replay's, copied out of the graph)."""
+        if not self.graphs:
+            if kind == "layer":
+                return self.layer_forward(x, input_grad, keep=False)[0]
+            return self.block_forward(kind, x, input_grad, keep=False)[0]
+        with self.tl.graph():
+            if kind == "layer":
+                self.layer_forward(x, input_grad, keep=False)
+            else:
+                self.block_forward(kind, x, input_grad, keep=False)
+        return self.tl.alloc(self.c * self.info.hidden_size * self.t)
+
+    def _backward_pass(self, kind: str, x: int, grad: int, input_grad: bool) -> int | None:
+        """A checkpointed pass recomputed and differentiated; the input's gradient."""
+        tl = self.tl
+        held = tl.ref(grad)  # the backward function holds the incoming gradient until it returns
+        if self.graphs:
+            with tl.graph():
+                self._checkpointed_backward(kind, x, tl.ref(grad), input_grad)
+            g = tl.alloc(self.c * self.info.hidden_size * self.t) if input_grad else None
+            self._graph_grads = []
+        else:
+            g = self._checkpointed_backward(kind, x, tl.ref(grad), input_grad)
+        tl.free(held)
+        return g
+
+    def _checkpointed_backward(self, kind: str, x: int, grad: int, input_grad: bool) -> int | None:
+        tl = self.tl
+        if kind == "layer":
+            out, saved = self.layer_forward(x, input_grad, keep=True)
+            g = self.layer_backward(grad, saved, input_grad=input_grad)  # takes ``grad``
+        else:
+            out, saved = self.block_forward(kind, x, input_grad, keep=True)
+            g = self.block_backward(kind, grad, saved, input_grad)
+            tl.free(grad)
+        tl.free(out)
+        return g
+
+    def _offloaded(self, x: int) -> None:
+        """A pass's input went to CPU memory; its GPU copy goes once the copy has run. With the graphs
+        the host runs ahead, up to offload.LAYERS_AHEAD passes, and those inputs wait meanwhile."""
+        if not self.graphs:
+            self.tl.free(x)
+            return
+        self._in_flight.append(x)
+        while len(self._in_flight) > LAYERS_AHEAD:
+            self.tl.free(self._in_flight.pop(0))
+
+    def _settle(self) -> None:
+        self.tl.free(*self._in_flight)
+        self._in_flight = []
+
+    def _offloaded_layer_forward(self, x: int, input_grad: bool) -> int:
+        """A layer under offload.py's checkpoint, whole or as its two blocks: its output."""
+        tl, c, h, t = self.tl, self.c, self.info.hidden_size, self.t
+        if not self.split:
+            out = self._forward_pass("layer", x, input_grad)
+            self._offloaded(x)
+            return out
+        a = self._forward_pass("attn", x, input_grad)
+        h1 = tl.alloc(c * h * t)  # the residual add
+        tl.free(a)
+        self._offloaded(x)
+        m = self._forward_pass("mlp", h1, True)
+        out = tl.alloc(c * h * t)
+        tl.free(m)
+        self._offloaded(h1)
+        return out
+
     # --- the step ------------------------------------------------------------------------------
 
     def run(self, lump: bool = False) -> _Timeline:
@@ -1112,15 +1258,20 @@ class _StepSimulation:
             if index not in simulated:  # what layer 1 kept, again
                 saved.append(tl.alloc(kept_by_layer, "activations"))
                 continue
+            if self.offload:  # copied to pinned CPU memory, the GPU copy goes with its last reference
+                x = self._offloaded_layer_forward(x, input_grad)
+                saved.append({})
+                continue
             before = tl.now
             out, layer_saved = self.layer_forward(x, input_grad, keep=not self.checkpointing)
-            if self.checkpointing and not self.offload:  # the checkpoint keeps the layer's input
+            if self.checkpointing:  # the checkpoint keeps the layer's input
                 inputs.append(tl.keep(x))
-            tl.free(x)  # offloaded: copied to pinned CPU memory, the GPU copy goes with its last reference
+            tl.free(x)
             saved.append(layer_saved)
             if index == 1:
                 kept_by_layer = tl.now - before  # its kept tensors (its output replaced its input)
             x = out
+        self._settle()
         final, final_saved = self.norm_forward(x, h, t, True, True)
         tl.free(x, embedded)
         g = self.loss(final)
@@ -1133,20 +1284,38 @@ class _StepSimulation:
             layer_saved = saved[index]
             if index not in simulated:
                 tl.free(layer_saved)
-                if not self.grads_present:
+                if not self.grads_present and not self.graphs:
                     self.grad_handles.append(tl.alloc(grads, "gradients"))
                 continue
             if self.offload:
                 # offload.py: the input comes back to the GPU (on the side stream; already there when
-                # the layer after fetched it), the previous layer's input is fetched, the whole layer
-                # runs again and backward goes through it. The backward function holds the incoming
-                # gradient and the recomputed output until it returns.
-                layer_input = prefetched if prefetched is not None else tl.alloc(c * h * t, "activations", stream=1)
+                # the pass after fetched it), the previous pass's input is fetched, the pass runs
+                # again and backward goes through it.
+                def fetched():
+                    return prefetched if prefetched is not None else tl.alloc(c * h * t, "activations", stream=1)
+
+                if not self.split:
+                    layer_input = fetched()
+                    prefetched = tl.alloc(c * h * t, "activations", stream=1) if index > 0 else None
+                    g_new = self._backward_pass("layer", layer_input, g, input_grad)
+                    tl.free(g)
+                    g = g_new
+                    self._offloaded(layer_input)
+                    continue
+                mlp_input = fetched()
+                prefetched = tl.alloc(c * h * t, "activations", stream=1)  # the attention block's input
+                g_in = self._backward_pass("mlp", mlp_input, g, True)
+                self._offloaded(mlp_input)
+                g = self._accumulate(g, g_in)  # the residual add: h1's two gradients
+                attn_input = prefetched
                 prefetched = tl.alloc(c * h * t, "activations", stream=1) if index > 0 else None
-                held = tl.ref(g)
-                out, layer_saved = self.layer_forward(layer_input, input_grad, keep=True)
-                g = self.layer_backward(g, layer_saved, input_grad=input_grad)
-                tl.free(layer_input, out, held)
+                g_in = self._backward_pass("attn", attn_input, g, input_grad)
+                self._offloaded(attn_input)
+                if g_in is None:
+                    tl.free(g)
+                    g = None
+                else:
+                    g = self._accumulate(g, g_in)
                 continue
             if self.checkpointing:
                 # the recomputation starts when backward first needs a saved tensor: in down_proj's
@@ -1158,8 +1327,25 @@ class _StepSimulation:
             g = self.layer_backward(g, layer_saved, input_grad=input_grad)
             if self.checkpointing:
                 tl.free(layer_input)
+        self._settle()
         tl.free(g, *batch)
         return tl
+
+    def graph_buffers(self) -> None:
+        """What the CUDA graphs keep for the whole run (layer_graphs.py): the capture stream's cuBLAS
+        workspaces, the fixed input and gradient tensors, the copies of RoPE's tables (and of the
+        mask), and every adapter's .grad."""
+        if not self.graphs:
+            return
+        tl, c, h, t, shape = self.tl, self.c, self.info.hidden_size, self.t, self.shape
+        for _ in range(CUBLAS_WORKSPACE_BYTES // CUBLAS_WORKSPACE):  # cuBLAS's, for the capture stream
+            tl.alloc(CUBLAS_WORKSPACE, "graphs")
+        tl.alloc(2 * c * h * t, "graphs")
+        tl.alloc(2 * c * self.info.head_dim * shape.seq, "graphs")
+        if self.kernel() != "flash":
+            tl.alloc((1 if self.kernel() == "efficient" else c) * shape.batch * shape.seq * shape.seq, "graphs")
+        grads = sum(self._grad_bytes(lin) for lin in self.info.linears if lin.name in self.targeted)
+        self.grad_handles.append(tl.alloc(grads * self.info.layers, "gradients"))
 
     def _grad_bytes(self, lin: Linear) -> int:
         """The bytes of one layer's gradients of this projection's adapter (fp32 A and B)."""
@@ -1362,6 +1548,8 @@ def _settings(run: RunConfig, seq: int | None = None, batch: int | None = None, 
         "embeddings_on_cpu": cuda and bool(getattr(t, "embeddings_on_cpu", False)),
         "fused_kernels": fused_kernels and (liger_installed() if liger is None else bool(liger)),
         "fused_optimizer": bool(getattr(t, "fused_optimizer", False)),
+        # with offloaded checkpoints only: the simulation checks
+        "cuda_graphs": cuda and bool(getattr(t, "cuda_graphs", False)),
         "padded": False,
         "device": "cuda",
     }
@@ -1379,6 +1567,7 @@ LABELS = {
     "activations": "activations saved for backward",
     "loss": "logits and loss buffers",
     "work": "working memory (gradients in flight, temporaries)",
+    "graphs": "CUDA graphs (their memory pool: one pass's temporaries; fixed buffers)",
     "allocator": "allocator slack (reserved, not allocated)",
     "context": "CUDA context and kernels",
 }
@@ -1418,9 +1607,10 @@ def _simulate(info: ModelInfo, s: dict[str, Any], replay: bool) -> Estimate:
             tl.alloc(CUBLAS_WORKSPACE)
     sim = _StepSimulation(info, targets, shape, s, tl)
     micro_batches = [False, True] if accumulating else [False]
-    if not replay and accumulating:  # the second micro-batch only, its predecessor's gradients in place
+    if not replay and accumulating and not sim.graphs:  # the second micro-batch only, its predecessor's gradients in place
         micro_batches = [True]
         sim.grad_handles = [tl.alloc(_granule(LORA_BYTES * n), "gradients") for n in sizes]
+    sim.graph_buffers()
     tl.reset_peak()
     for grads_present in micro_batches:
         sim.grads_present = grads_present
@@ -1430,9 +1620,13 @@ def _simulate(info: ModelInfo, s: dict[str, Any], replay: bool) -> Estimate:
     tl.free(*sim.grad_handles)
 
     kinds = dict(tl.peak_kinds)
-    allocated = tl.peak
+    # The graphs' pool is reserved by the first replays and in use during every one after; the
+    # allocator does not count it, the memory in use at once does.
+    pool = tl.pool_bytes
+    kinds["graphs"] = kinds.get("graphs", 0) + pool
+    allocated = tl.peak + pool
     if cuda:
-        reserved = _reserved(tl.events) if replay else allocated
+        reserved = (_reserved(tl.events) + pool) if replay else allocated
         kinds["allocator"] = max(0, reserved - allocated)
         kinds["context"] = CUDA_CONTEXT_BYTES
     items = [Item(key, LABELS[key], kinds.get(key, 0)) for key in LABELS]
@@ -1442,10 +1636,10 @@ def _simulate(info: ModelInfo, s: dict[str, Any], replay: bool) -> Estimate:
         items[2] = Item("weights_16bit", "16-bit weights (output head, norms; embeddings in CPU memory)",
                         kinds.get("weights_16bit", 0))
     pinned = c * info.embedding_params if s["embeddings_on_cpu"] else 0
-    if sim.offload:
-        pinned += info.layers * c * info.hidden_size * shape.tokens
+    if sim.offload:  # each checkpointed pass's input: a layer's, or both blocks' of a split layer
+        pinned += (2 if sim.split else 1) * info.layers * c * info.hidden_size * shape.tokens
     return Estimate(info, s, items, tl.peak_phase, allocated, allocated + kinds.get("allocator", 0),
-                    sum(i.bytes for i in items), opt.paged, dict(tl.phase_peaks), cpu_pinned=pinned)
+                    sum(i.bytes for i in items), opt.paged, {k: v + pool for k, v in tl.phase_peaks.items()}, cpu_pinned=pinned)
 
 
 def estimate(
@@ -1714,6 +1908,8 @@ def gpu_paths(s: dict[str, Any]) -> list[str]:
     paths = []
     if s.get("offload_checkpoints") and s["gradient_checkpointing"]:
         paths.append("checkpointed layer inputs in CPU memory")
+        if s.get("cuda_graphs"):
+            paths.append("checkpointed layers replayed as CUDA graphs")
     if s.get("embeddings_on_cpu"):
         paths.append("input embedding in CPU memory")
     if s.get("fused_kernels"):

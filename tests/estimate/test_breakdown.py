@@ -132,9 +132,11 @@ def test_chunked_loss_needs_less_than_full_logits():
 
 
 def test_accumulation_keeps_gradients_alive():
-    one, four = point(grad_accum_steps=1), point(grad_accum_steps=4)
+    one, four = point(grad_accum_steps=1, cuda_graphs=False), point(grad_accum_steps=4, cuda_graphs=False)
     assert four.allocated > one.allocated
     assert four.item("gradients") == four.item("lora")
+    # with CUDA graphs the gradients are kept anyway (their buffers are the graphs' outputs)
+    assert point(grad_accum_steps=4).allocated == point(grad_accum_steps=1).allocated
 
 
 def test_cpu_has_no_context_or_allocator():

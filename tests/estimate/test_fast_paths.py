@@ -51,7 +51,8 @@ def test_each_can_be_turned_off():
 
 def test_gpu_paths_are_named_in_the_report():
     report = E.format_report(point(), "llama-8b")
-    assert "GPU paths checkpointed layer inputs in CPU memory, input embedding in CPU memory, liger-kernel's" in report
+    assert ("GPU paths checkpointed layer inputs in CPU memory, checkpointed layers replayed as CUDA graphs, "
+            "input embedding in CPU memory, liger-kernel's") in report
     assert "pinned CPU memory instead" in report
     assert "GPU paths" not in E.format_report(point(**OFF), "llama-8b")
 
@@ -62,7 +63,7 @@ def test_gpu_paths_are_named_in_the_report():
 def test_offloaded_layer_inputs_do_not_add_up_with_the_layers():
     h, tokens = LLAMA_8B["hidden_size"], 2 * 2048
     layer_input = 2 * h * tokens  # bf16 hidden states of one micro-batch
-    offloaded = [point(layers=n) for n in (16, 32, 64)]
+    offloaded = [point(layers=n, cuda_graphs=False) for n in (16, 32, 64)]
     assert {e.phase for e in offloaded} == {"layer backward"}
     # the same activations at the peak however deep the model: one layer's, its input and the next one's
     assert len({e.item("activations") for e in offloaded}) == 1
@@ -71,9 +72,9 @@ def test_offloaded_layer_inputs_do_not_add_up_with_the_layers():
     kept = [point(layers=n, offload_checkpoints=False) for n in (16, 32)]
     assert kept[1].item("activations") - kept[0].item("activations") == 16 * layer_input
     assert offloaded[2].item("activations") < kept[0].item("activations") - 10 * layer_input
-    # their pinned CPU copies do add up
+    # their pinned CPU copies do add up: both blocks' inputs of every (split) layer
     moved_embedding = 2 * modelinfo.describe(LLAMA_8B).embedding_params
-    assert [e.cpu_pinned - moved_embedding for e in offloaded] == [n * layer_input for n in (16, 32, 64)]
+    assert [e.cpu_pinned - moved_embedding for e in offloaded] == [2 * n * layer_input for n in (16, 32, 64)]
 
 
 def test_offload_needs_gradient_checkpointing():
@@ -98,31 +99,57 @@ def simulated_step(layers: int, **train) -> E._Timeline:
 def test_each_offloaded_input_comes_back_once_on_a_side_stream():
     layer_input = 2 * LLAMA_8B["hidden_size"] * 2 * 2048
     for layers in (1, 2, 6):
-        events = simulated_step(layers).events
+        events = simulated_step(layers, cuda_graphs=False).events
         fetched = {handle for handle, nbytes, stream in events if stream == 1}
-        assert len(fetched) == layers
+        assert len(fetched) == 2 * layers  # a split layer's two blocks
         assert {nbytes for handle, nbytes, stream in events if handle in fetched and nbytes} == {layer_input}
-        # the layer being recomputed and the one before it, never more
+        # the block being recomputed and the one before it, never more
         alive = most = 0
         for handle, nbytes, _ in events:
             if handle in fetched:
                 alive += 1 if nbytes else -1
                 most = max(most, alive)
-        assert alive == 0 and most == min(layers, 2)
+        assert alive == 0 and most == 2
     # the plain checkpoint keeps the inputs on the GPU: nothing on the side stream
     assert not any(stream for _, _, stream in simulated_step(6, offload_checkpoints=False).events)
 
 
-def test_offload_recomputes_the_whole_layer():
-    # transformers' checkpoint stops recomputing at the layer's last saved tensor; offload.py's runs the
-    # layer to its output (held with the incoming gradient until its backward returns). Per layer, that
-    # output and the input fetched back are the two tensors the plain checkpoint does not make.
+def test_offload_recomputes_each_block_to_its_output():
+    # transformers' checkpoint stops recomputing at the layer's last saved tensor and makes the
+    # residual sum between the blocks again; offload.py's runs each block of a split layer to its
+    # output (held with the incoming gradient until its backward returns) and fetches each block's
+    # input back. Per layer: two inputs fetched and the MLP block's output, less that residual sum.
     h, tokens = LLAMA_8B["hidden_size"], 2 * 2048
     for layers in (1, 2, 6):
-        offloaded = [nbytes for _, nbytes, _ in simulated_step(layers).events if nbytes]
+        offloaded = [nbytes for _, nbytes, _ in simulated_step(layers, cuda_graphs=False).events if nbytes]
         plain = [nbytes for _, nbytes, _ in simulated_step(layers, offload_checkpoints=False).events if nbytes]
-        assert len(offloaded) - len(plain) == 2 * layers
-        assert sum(offloaded) - sum(plain) == 2 * layers * 2 * h * tokens
+        assert len(offloaded) - len(plain) == layers
+        assert sum(offloaded) - sum(plain) == layers * 2 * h * tokens
+
+
+def test_a_layer_with_four_norms_is_recomputed_whole():
+    # offload.split_layer takes Llama-style layers only; Gemma 2's is checkpointed whole
+    gemma2 = {**LLAMA_8B, "model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], "num_hidden_layers": 2}
+    est = point(gemma2, cuda_graphs=False)
+    assert est.cpu_pinned == 2 * 2 * LLAMA_8B["hidden_size"] * 2 * 2048  # one input per layer (embedding tied)
+
+
+# --- CUDA graphs of the checkpointed passes -----------------------------------------------------------
+
+
+def test_cuda_graphs_add_their_pool_and_buffers():
+    graphs, eager = point(), point(cuda_graphs=False)
+    assert graphs.settings["cuda_graphs"] and not eager.settings["cuda_graphs"]
+    assert eager.item("graphs") == 0
+    # the pool holds one pass's temporaries: more than the fixed buffers, less than a layer's share of the step
+    h, tokens = LLAMA_8B["hidden_size"], 2 * 2048
+    buffers = 2 * 2 * h * tokens + 2 * E.CUBLAS_WORKSPACE
+    assert buffers < graphs.item("graphs") < graphs.allocated / 4
+    # the gradients of every adapter stay allocated for the graphs, from the start of the step
+    assert graphs.item("gradients") == graphs.item("lora")
+    # a pool apart from the allocator's: the eager temporaries no longer share memory with the layers'
+    assert graphs.allocated > eager.allocated
+    assert point(cuda_graphs=True, offload_checkpoints=False).item("graphs") == 0  # they need the offloaded checkpoint
 
 
 # --- the embedding in CPU memory --------------------------------------------------------------------
