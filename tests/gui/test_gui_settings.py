@@ -112,7 +112,8 @@ def test_tooltips_explain_the_qlora_settings(window):
 
 def test_the_gpu_paths_and_paging_counters_are_settings_with_explanations(window):
     assert window.collect_config().train.offload_checkpoints  # on by default, as in the engine
-    for key in ("offload_checkpoints", "embeddings_on_cpu", "fused_kernels", "fused_optimizer", "paging_counters"):
+    for key in ("offload_checkpoints", "embeddings_on_cpu", "fused_kernels", "fused_optimizer", "cuda_graphs",
+                "paging_counters"):
         box = window.findChild(QCheckBox, f"train_{key}")
         assert box is not None and len(box.toolTip()) > 30, key
         box.setChecked(False)

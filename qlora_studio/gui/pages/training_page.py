@@ -175,6 +175,7 @@ class TrainingPage(QWidget):
         self._check(form, "embeddings_on_cpu", "Input embedding in CPU memory (GPU)")
         self._check(form, "fused_kernels", "Fused kernels, with liger-kernel (GPU)")
         self._check(form, "fused_optimizer", "Fused paged AdamW")
+        self._check(form, "cuda_graphs", "Layers replayed as CUDA graphs (GPU)")
         self._check(form, "paging_counters", "Paging counters for the GPU Monitor")
         self._int(form, "eval_every", "Evaluate ever&y:", 0, 1_000_000)
         self._int(form, "checkpoint_every", "&Checkpoint every:", 0, 1_000_000)
