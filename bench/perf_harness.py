@@ -152,11 +152,12 @@ ENGINE_VARIANTS = {
     "engine-no-offload": {"offload_checkpoints": False},  # checkpointed layer inputs stay on the GPU
     "engine-embeddings-on-gpu": {"embeddings_on_cpu": False},
     "engine-bnb-optimizer": {"fused_optimizer": False},   # bitsandbytes' per-parameter paged AdamW kernels
+    "engine-eager": {"cuda_graphs": False},               # the layers launched from Python, not replayed as CUDA graphs
     "engine-loss-chunk-1024": {"loss_chunk_tokens": 1024},  # the chunked loss's earlier fixed chunk
     "engine-cupti": {"paging_counters": True},            # with the CUPTI paging counters collecting
     "engine-auto": {"auto": True},                        # the settings it picks by itself for the GPU
 }
-_CONFIG_KEYS = ("fused_lora", "fused_kernels", "offload_checkpoints", "embeddings_on_cpu", "fused_optimizer")
+_CONFIG_KEYS = ("fused_lora", "fused_kernels", "offload_checkpoints", "embeddings_on_cpu", "fused_optimizer", "cuda_graphs")
 
 
 def contender_engine(model_dir: Path, shape: str, steps: int, variant: str = "engine"):
@@ -195,7 +196,13 @@ def contender_engine(model_dir: Path, shape: str, steps: int, variant: str = "en
             collector.flush(0)
         return loss
 
-    return _time_steps(step, shape, steps), settings
+    graphs = getattr(model, "layer_graphs", None)
+    # The graphs' pool is reserved memory that replays use without allocating: counted on top.
+    pool = (lambda: graphs.pool_bytes()) if graphs is not None else None
+    result = _time_steps(step, shape, steps, pool)
+    if graphs is not None:
+        settings["cuda_graphs"] = graphs.disabled or f"{graphs.graphs} recorded, pool {graphs.pool_bytes() / 1e9:.2f} GB"
+    return result, settings
 
 
 def contender_unsloth(model_dir: Path, shape: str, steps: int):
@@ -232,7 +239,13 @@ def _hf_step(model, params, opt, device):
     return step
 
 
-def _time_steps(step, shape: str, steps: int):
+def _time_steps(step, shape: str, steps: int, pool_bytes=None):
+    """Losses and step times; on a GPU also sets PEAK["allocated"]: the most memory in use at once.
+
+    With CUDA graphs (``pool_bytes``: the bytes their pool holds) a replay uses its pool without
+    allocating, so the peak of the steps after the warm-up, when every graph is recorded, is the
+    allocator's peak plus the pool.
+    """
     import torch
 
     cuda = torch.cuda.is_available()
@@ -240,14 +253,25 @@ def _time_steps(step, shape: str, steps: int):
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    for b in batches(shape, steps):
+    warm_peak = warm_reserved = 0
+    for i, b in enumerate(batches(shape, steps)):
+        if cuda and i == WARMUP:
+            warm_peak, warm_reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         loss = step(b)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
+    if cuda:
+        later = torch.cuda.max_memory_allocated() + (pool_bytes() if pool_bytes is not None else 0)
+        PEAK["allocated"] = max(warm_peak, later)
+        PEAK["reserved"] = max(warm_reserved, torch.cuda.max_memory_reserved())
     return losses, times
+
+
+PEAK: dict[str, int] = {}
 
 
 def worker(args) -> int:
@@ -271,8 +295,8 @@ def worker(args) -> int:
         "tokens_per_s_median": s["batch"] * s["seq"] / sorted(timed)[len(timed) // 2],
     }
     if torch.cuda.is_available():
-        result["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        result["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+        result["peak_allocated_gb"] = PEAK.get("allocated", torch.cuda.max_memory_allocated()) / 1e9
+        result["peak_reserved_gb"] = PEAK.get("reserved", torch.cuda.max_memory_reserved()) / 1e9
     Path(args.result).write_text(json.dumps(result))
     return 0
 

@@ -3,7 +3,8 @@
 #
 #   bash bench/run_gpu.sh OUT_DIR [PART ...]
 #
-# PART is any of: tests fastpaths perf1b perf8b estimate monitor optimizer profile1b profile8b (default: tests perf1b). fastpaths: the
+# PART is any of: tests fastpaths perf1b perf8b estimate monitor optimizer profile1b profile8b memory1b memory8b
+# (default: tests perf1b). fastpaths: the
 # engine's GPU tests only. QS_CONTENDERS / QS_CONTENDERS_8B choose the harness rows;
 # QS_MONITOR_ARGS passes options to monitor_cost.py; QS_PROFILE_SETS lists profile variants. Wheels of packages
 # the GPU machine lacks are taken from .whl/ (and the Unsloth peer from .peer/) when present:
@@ -43,6 +44,12 @@ for part in $parts; do
         python3 bench/profile_step.py --shape "${part#profile}" --phases ${QS_PROFILE_PHASES:-20} "${sets[@]}" || break
       done ;;
     optimizer) python3 bench/optimizer_step.py --shape 1b && python3 bench/optimizer_step.py --shape 8b ;;
+    memory1b|memory8b)  # what is alive at the peak, with the defaults and with each QS_MEMORY_SETS entry (';'-separated KEY=VALUE lists)
+      IFS=';' read -ra variants <<< "${QS_MEMORY_SETS:-}"
+      for v in "" "${variants[@]}"; do
+        sets=(); for kv in $v; do sets+=(--set "$kv"); done
+        python3 bench/memory_peak.py --shape "${part#memory}" "${sets[@]}" || break
+      done ;;
     *) echo "unknown part $part"; status=2 ;;
   esac
   rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || status=$rc
