@@ -127,10 +127,14 @@ class _Buffers:
 class GraphContext:
     """What the layers of one model share: the memory pool, the capture stream, the buffers."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, max_tokens: int | None = None):
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device=device)
+        #: tokens of the largest micro-batch (micro-batch size × longest sequence): the input and
+        #: gradient buffers of every shape up to it are views of one storage
+        self.max_tokens = max_tokens
+        self._storage: dict[torch.dtype, torch.Tensor] = {}
         self.buffers: dict[Any, _Buffers] = {}
         self.pairs: dict[Any, tuple[torch.Tensor, torch.Tensor]] = {}  # hidden shape -> (hidden, grad)
         self.graphs = 0
@@ -140,13 +144,27 @@ class GraphContext:
         buffers = self.buffers.get(key)
         if buffers is None:
             shape = (tuple(hidden.shape), hidden.dtype)
-            if shape not in self.pairs and len(self.pairs) >= MAX_SHAPES:
-                return None
             if shape not in self.pairs:
-                self.pairs[shape] = (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device),
-                                     torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device))
+                if len(self.pairs) >= MAX_SHAPES:
+                    return None
+                self.pairs[shape] = self._pair(hidden)
             buffers = self.buffers[key] = _Buffers(self.pairs[shape], args, kwargs)
         return buffers
+
+    def _pair(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """An input and a gradient buffer shaped like ``hidden``. One pass runs at a time and takes
+        its results out at once, so the buffers of all shapes can share one storage."""
+        n = hidden.numel()
+        width = hidden.shape[-1]
+        if self.max_tokens is None or n > self.max_tokens * width:
+            return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(
+                hidden, memory_format=torch.contiguous_format)
+        storage = self._storage.get(hidden.dtype)
+        if storage is None or storage.numel() < 2 * self.max_tokens * width:
+            storage = self._storage[hidden.dtype] = torch.empty(2 * self.max_tokens * width, dtype=hidden.dtype,
+                                                                 device=hidden.device)
+        half = storage.numel() // 2
+        return storage[:n].view(hidden.shape), storage[half:half + n].view(hidden.shape)
 
     def pool_bytes(self) -> int:
         """GPU memory held by the graphs' pool (reserved, so not in ``torch.cuda.memory_allocated``)."""

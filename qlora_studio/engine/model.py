@@ -384,7 +384,8 @@ def gpu_fast_paths(model, cfg: RunConfig, device: torch.device) -> list[str]:
     if cfg.train.fused_kernels and triton_ok and fused_kernels(model.get_base_model()):
         used.append("fused_kernels")
     if cfg.train.gradient_checkpointing and cfg.train.offload_checkpoints:
-        layers, graphs = offload.use_offloaded_checkpointing(model, cuda_graphs=cfg.train.cuda_graphs)
+        layers, graphs = offload.use_offloaded_checkpointing(
+            model, cuda_graphs=cfg.train.cuda_graphs, max_tokens=cfg.train.micro_batch_size * cfg.data.max_seq_len)
         if layers:
             used.append("offload_checkpoints")
         if graphs is not None:

@@ -159,12 +159,12 @@ def offloaded_checkpoint(function, hidden: torch.Tensor, *rest, graphs=None):
     return _OffloadedCheckpoint.apply(function, graphs, hidden, anchor, *rest)
 
 
-def use_offloaded_checkpointing(model, cuda_graphs: bool = False):
+def use_offloaded_checkpointing(model, cuda_graphs: bool = False, max_tokens: int | None = None):
     """Make every checkpointed layer of ``model`` offload its input; returns how many layers and,
     with ``cuda_graphs``, the :class:`~.layer_graphs.GraphContext` the layers' graphs share (else None).
 
     A Llama-style layer is checkpointed as its two residual blocks (:func:`split_layer`), any other
-    layer whole."""
+    layer whole. ``max_tokens``: the largest micro-batch's tokens, for the graphs' buffers."""
     from functools import partial
 
     from .layer_graphs import GraphContext, LayerGraphs
@@ -176,7 +176,7 @@ def use_offloaded_checkpointing(model, cuda_graphs: bool = False):
         if not cuda_graphs:
             return None
         if context is None:
-            context = GraphContext(next(model.parameters()).device)
+            context = GraphContext(next(model.parameters()).device, max_tokens)
         return LayerGraphs(context, module)
 
     count = 0

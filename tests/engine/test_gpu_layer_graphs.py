@@ -111,3 +111,31 @@ def test_a_layer_that_cannot_be_recorded_runs_eagerly_with_a_warning(caplog):
     assert "CUDA graphs off" in caplog.text
     for a, b in zip(ref, got):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_batches_of_two_widths_each_get_their_graphs(demo_template):
+    from qlora_studio.engine.trainer import loss_sum
+
+    def run(graphs: bool):
+        model, batch, _ = model_and_batch(demo_template, 0.1, fused_kernels=False, cuda_graphs=graphs,
+                                          micro_batch_size=8)
+        short = {k: v[:, : v.shape[1] - 8] for k, v in batch.items()}
+        results = []
+        for i, b in enumerate([batch, short, batch, short, batch, short]):
+            for p in model.parameters():
+                p.grad = None
+            torch.manual_seed(200 + i)
+            loss = loss_sum(model, b, "chunked")
+            loss.backward()
+            results.append((float(loss), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}))
+        return results, getattr(model, "layer_graphs", None)
+
+    eager, _ = run(False)
+    graphed, context = run(True)
+    assert context.disabled is None and len(context.pairs) == 2
+    # the two shapes' input buffers are views of one storage, sized for the longest micro-batch
+    (first, _), (second, _) = context.pairs.values()
+    assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+    for (loss_ref, grads_ref), (loss, grads) in zip(eager, graphed):
+        assert loss == pytest.approx(loss_ref, rel=1e-5)
+        close(grads_ref, grads, 1e-3)
