@@ -76,7 +76,7 @@ def main() -> int:
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = {"true": True, "false": False}.get(value.lower(), value)
-    cfg = C.replace(H.run_config(model_dir), train=overrides)
+    cfg = C.replace(H.run_config(model_dir, args.shape), train=overrides)
     model, _, info = load_model(cfg, device, torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(cfg, params)

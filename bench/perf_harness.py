@@ -80,14 +80,18 @@ def batches(shape: str, steps: int, seed: int = 1234):
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
-def run_config(model_dir: Path, *, gradient_checkpointing=True, loss_impl="chunked"):
+def run_config(model_dir: Path, shape: str | None = None, *, gradient_checkpointing=True, loss_impl="chunked"):
+    """The shared settings; with ``shape``, its micro-batch and sequence length (what sizes the
+    engine's CUDA graph buffers)."""
     from qlora_studio import config as C
 
+    batch, seq = (SHAPES[shape]["batch"], SHAPES[shape]["seq"]) if shape else (1, 1024)
     return C.from_dict({
         "model": {"name_or_path": str(model_dir), "attn_implementation": "sdpa"},
         "quant": {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
         "lora": {"r": 16, "alpha": 16.0, "dropout": 0.0, "target_modules": TARGETS},
-        "train": {"micro_batch_size": 1, "grad_accum_steps": 1, "max_steps": 1, "optimizer": "paged_adamw_32bit",
+        "data": {"max_seq_len": seq},
+        "train": {"micro_batch_size": batch, "grad_accum_steps": 1, "max_steps": 1, "optimizer": "paged_adamw_32bit",
                   "learning_rate": 2e-4, "max_grad_norm": 0.3, "gradient_checkpointing": gradient_checkpointing,
                   "loss_impl": loss_impl, "device": "auto"},
     }, "benchmark")
@@ -172,7 +176,7 @@ def contender_engine(model_dir: Path, shape: str, steps: int, variant: str = "en
     overrides = ENGINE_VARIANTS[variant]
     device = devices.resolve_device("auto")
     settings = auto_settings(shape, device) if overrides.get("auto") else {}
-    cfg = run_config(model_dir, **{k: v for k, v in settings.items() if k in ("gradient_checkpointing", "loss_impl")})
+    cfg = run_config(model_dir, shape, **{k: v for k, v in settings.items() if k in ("gradient_checkpointing", "loss_impl")})
     cfg = C.replace(cfg, train={k: v for k, v in overrides.items() if k in _CONFIG_KEYS})
     settings.update({k: v for k, v in overrides.items() if k != "auto"})
     if "loss_chunk_tokens" in overrides:

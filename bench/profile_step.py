@@ -45,7 +45,7 @@ def main() -> int:
     model_dir = Path(args.models) / f"llama-{args.shape}"
     H.build_model(args.shape, model_dir)
     device = devices.resolve_device("auto")
-    cfg = H.run_config(model_dir, gradient_checkpointing=bool(args.gradient_checkpointing))
+    cfg = H.run_config(model_dir, args.shape, gradient_checkpointing=bool(args.gradient_checkpointing))
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")

@@ -3,10 +3,9 @@
 #
 #   bash bench/run_gpu.sh OUT_DIR [PART ...]
 #
-# PART is any of: tests fastpaths perf1b perf8b estimate monitor optimizer profile1b profile8b memory1b memory8b
-# (default: tests perf1b). fastpaths: the
-# engine's GPU tests only. QS_CONTENDERS / QS_CONTENDERS_8B choose the harness rows;
-# QS_MONITOR_ARGS passes options to monitor_cost.py; QS_PROFILE_SETS lists profile variants. Wheels of packages
+# PART is any of: tests fastpaths estimatetests perf1b perf8b estimate monitor optimizer profile1b profile8b memory1b
+# memory8b (default: tests perf1b). fastpaths: the engine's GPU tests only; estimatetests: the estimate's.
+# QS_CONTENDERS / QS_CONTENDERS_8B choose the harness rows; QS_MONITOR_ARGS passes options to monitor_cost.py; QS_PROFILE_SETS lists profile variants. Wheels of packages
 # the GPU machine lacks are taken from .whl/ (and the Unsloth peer from .peer/) when present:
 # `bash ../shared/device/wheels.sh --peer gguf` fills them. Logs and result files go to OUT_DIR.
 set -uo pipefail
@@ -34,6 +33,7 @@ for part in $parts; do
     tests) QS_RECORD_DIR=$out python3 -m pytest -m gpu tests/engine tests/monitor tests/estimate -v -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -40 ;;
     perf1b) python3 bench/perf_harness.py --shape 1b --contenders ${QS_CONTENDERS:-seed,engine,engine-peft-lora,engine-cupti,unsloth,engine-auto} --results "$out" ;;
     fastpaths) python3 -m pytest -m gpu tests/engine -v -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log" | tail -25 ;;
+    estimatetests) python3 -m pytest -m gpu tests/estimate -v -p no:cacheprovider 2>&1 | tee "$out/gpu-estimate-tests.log" | tail -15 ;;
     perf8b) python3 bench/perf_harness.py --shape 8b --contenders ${QS_CONTENDERS_8B:-seed,engine,unsloth,engine-auto} --results "$out" ;;
     estimate) python3 bench/estimate_accuracy.py ;;
     monitor) python3 bench/monitor_cost.py ${QS_MONITOR_ARGS:-} ;;
