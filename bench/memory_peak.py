@@ -64,32 +64,15 @@ def main() -> int:
 
     import torch
 
-    from qlora_studio import config as C
-    from qlora_studio.engine import device as devices
-    from qlora_studio.engine.model import load_model
-    from qlora_studio.engine.trainer import build_optimizer, build_scheduler, train_step
+    from qlora_studio.engine.trainer import train_step
 
-    model_dir = Path(args.models) / f"llama-{args.shape}"
-    H.build_model(args.shape, model_dir)
-    device = devices.resolve_device("auto")
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = {"true": True, "false": False}.get(value.lower(), value)
-    cfg = C.replace(H.run_config(model_dir, args.shape), train=overrides)
-    model, _, info = load_model(cfg, device, torch.bfloat16)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(cfg, params)
-    sched = build_scheduler(cfg, opt, 100)
-    model.train()
-    data = list(H.batches(args.shape, 3 + args.steps))
-    for b in data[:3]:
-        train_step(model, [b], params, opt, sched, cfg, device)
-    torch.cuda.synchronize()
+    e = H.warmed_up_engine(args.models, args.shape, args.set, args.steps)
+    model, params, opt, sched, cfg, device, info, overrides = (e.model, e.params, e.opt, e.sched, e.cfg, e.device,
+                                                               e.info, e.overrides)
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()
     torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
-    for b in data[3:]:
+    for b in e.batches:
         train_step(model, [b], params, opt, sched, cfg, device)
     torch.cuda.synchronize()
     snapshot = torch.cuda.memory._snapshot()
@@ -98,7 +81,6 @@ def main() -> int:
     peak, sites = peak_breakdown(trace, start)
     graphs = getattr(model, "layer_graphs", None)
     pool = graphs.pool_bytes() if graphs is not None else 0
-    print(f"GPU paths: {info.fast_paths}; settings changed: {overrides}")
     print(f"allocated before the recorded steps {start / 2**20:,.0f} MiB; peak {peak / 2**20:,.0f} MiB "
           f"(allocator's own figure {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB); graphs' pool {pool / 2**20:,.0f} MiB")
     print("alive at the peak, by where it was made (MiB):")

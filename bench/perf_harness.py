@@ -97,6 +97,42 @@ def run_config(model_dir: Path, shape: str | None = None, *, gradient_checkpoint
     }, "benchmark")
 
 
+def warmed_up_engine(models: str, shape: str, sets: list[str], steps: int, *, gradient_checkpointing: bool = True):
+    """The engine on the shape's model with ``KEY=VALUE`` train settings changed (``sets``), after
+    three warm-up steps (the CUDA graphs are recorded in them), for the diagnostic scripts: a
+    namespace of model, cfg, params, opt, sched, info, device, overrides, and ``batches`` for
+    ``steps`` more."""
+    import types
+
+    import torch
+
+    from qlora_studio import config as C
+    from qlora_studio.engine import device as devices
+    from qlora_studio.engine.model import load_model
+    from qlora_studio.engine.trainer import build_optimizer, build_scheduler, train_step
+
+    model_dir = Path(models) / f"llama-{shape}"
+    build_model(shape, model_dir)
+    device = devices.resolve_device("auto")
+    overrides = {}
+    for item in sets:
+        key, _, value = item.partition("=")
+        overrides[key] = {"true": True, "false": False}.get(value.lower(), value)
+    cfg = C.replace(run_config(model_dir, shape, gradient_checkpointing=gradient_checkpointing), train=overrides)
+    model, _, info = load_model(cfg, device, torch.bfloat16)
+    print(f"GPU paths: {info.fast_paths}; settings changed: {overrides}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = build_optimizer(cfg, params)
+    sched = build_scheduler(cfg, opt, 100)
+    model.train()
+    data = list(batches(shape, 3 + steps))
+    for b in data[:3]:
+        train_step(model, [b], params, opt, sched, cfg, device)
+    torch.cuda.synchronize()
+    return types.SimpleNamespace(model=model, cfg=cfg, params=params, opt=opt, sched=sched, info=info, device=device,
+                                 overrides=overrides, batches=data[3:])
+
+
 def auto_settings(shape: str, device) -> dict:
     """What the engine picks by itself: recomputation only if the estimate says it is needed."""
     import torch

@@ -37,30 +37,12 @@ def main() -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from qlora_studio.engine import device as devices
-    from qlora_studio.engine.model import load_model
-    from qlora_studio import config as C
-    from qlora_studio.engine.trainer import accumulate, build_optimizer, build_scheduler, train_step, update
+    from qlora_studio.engine.trainer import accumulate, train_step, update
 
-    model_dir = Path(args.models) / f"llama-{args.shape}"
-    H.build_model(args.shape, model_dir)
-    device = devices.resolve_device("auto")
-    cfg = H.run_config(model_dir, args.shape, gradient_checkpointing=bool(args.gradient_checkpointing))
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = {"true": True, "false": False}.get(value.lower(), value)
-    cfg = C.replace(cfg, train=overrides)
-    model, _, info = load_model(cfg, device, torch.bfloat16)
-    print(f"GPU paths: {info.fast_paths}; settings changed: {overrides}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(cfg, params)
-    sched = build_scheduler(cfg, opt, 100)
-    model.train()
-    data = list(H.batches(args.shape, 3 + args.steps))
-    for b in data[:3]:
-        train_step(model, [b], params, opt, sched, cfg, device)
-    torch.cuda.synchronize()
+    e = H.warmed_up_engine(args.models, args.shape, args.set, args.steps,
+                           gradient_checkpointing=bool(args.gradient_checkpointing))
+    model, params, opt, sched, cfg, device, info, overrides = (e.model, e.params, e.opt, e.sched, e.cfg, e.device,
+                                                               e.info, e.overrides)
     phases = []
     if args.gc_off:
         import gc
@@ -86,7 +68,7 @@ def main() -> int:
                   f"  {ph['update_s'] * 1000:9.1f} ({ph['update_host_s'] * 1000:6.1f})")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
-        for b in data[3:]:
+        for b in e.batches:
             train_step(model, [b], params, opt, sched, cfg, device)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0

@@ -77,40 +77,34 @@ def _run(layer, graphs, x, scale, passes=3):
     return out.detach(), layer.lin.weight.grad.clone(), h.grad.clone()
 
 
-def test_a_small_layer_is_recorded_and_accumulates_as_eager():
+def _eager_and_graphed(sync: bool):
+    """Three passes of the same small layer, eagerly and through a LayerGraphs: both results and the context."""
     from qlora_studio.engine.layer_graphs import GraphContext, LayerGraphs
 
     torch.manual_seed(0)
-    eager_layer = _Layer(sync=False)
-    graph_layer = _Layer(sync=False)
+    eager_layer, graph_layer = _Layer(sync), _Layer(sync)
     graph_layer.load_state_dict(eager_layer.state_dict())
     x = torch.randn(8, 256, device="cuda")
     scale = torch.full((), 0.5, device="cuda")
     ref = _run(eager_layer, None, x, scale)
     context = GraphContext(torch.device("cuda", 0))
     got = _run(graph_layer, LayerGraphs(context, graph_layer), x, scale)
-    assert context.graphs == 2 and context.disabled is None
+    # the same dropout masks, forward and recomputation alike: equal to rounding
     for a, b in zip(ref, got):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    return context
+
+
+def test_a_small_layer_is_recorded_and_accumulates_as_eager():
+    context = _eager_and_graphed(sync=False)
+    assert context.graphs == 2 and context.disabled is None
 
 
 def test_a_layer_that_cannot_be_recorded_runs_eagerly_with_a_warning(caplog):
-    from qlora_studio.engine.layer_graphs import GraphContext, LayerGraphs
-
-    torch.manual_seed(0)
-    eager_layer = _Layer(sync=True)
-    graph_layer = _Layer(sync=True)
-    graph_layer.load_state_dict(eager_layer.state_dict())
-    x = torch.randn(8, 256, device="cuda")
-    scale = torch.full((), 0.5, device="cuda")
-    ref = _run(eager_layer, None, x, scale)
-    context = GraphContext(torch.device("cuda", 0))
     with caplog.at_level(logging.WARNING):
-        got = _run(graph_layer, LayerGraphs(context, graph_layer), x, scale)
+        context = _eager_and_graphed(sync=True)
     assert context.graphs == 0 and "failed" in context.disabled
     assert "CUDA graphs off" in caplog.text
-    for a, b in zip(ref, got):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_batches_of_two_widths_each_get_their_graphs(demo_template):
