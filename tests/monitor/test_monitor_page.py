@@ -1,8 +1,9 @@
 """The monitor page's states, fed from event files in the worker's format and a fake NVML.
 
-data/cpu_run_events.jsonl was recorded from the worker training the demo on a CPU. GPU runs cannot
-be recorded on this machine, so data/run_events.jsonl is a six-step run written with events.py
-(allocator figures each step, three paging events moving 512 MiB in all).
+data/cpu_run_events.jsonl was recorded from the worker training the demo on a CPU, and
+data/h200_run_events.jsonl from a real run on the H200 whose paged state was moved out and back.
+data/run_events.jsonl is a longer six-step run written with events.py (allocator figures each step,
+three paging events moving 512 MiB in all).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from qlora_studio.monitor.runview import describe_paging
 RUN = Path(__file__).parent / "data" / "run_events.jsonl"
 # Recorded from `qlora-studio train` on the offline demo on a CPU (paths shortened).
 CPU_RUN = Path(__file__).parent / "data" / "cpu_run_events.jsonl"
+# Recorded on the H200 by tests/engine/test_gpu.py's page-out run (QS_RECORD_DIR; paths shortened).
+H200_RUN = Path(__file__).parent / "data" / "h200_run_events.jsonl"
 
 
 @pytest.fixture
@@ -263,3 +266,20 @@ def test_events_arriving_fast_are_coalesced_into_few_redraws(make_page, qtbot, m
         page.on_event({"type": "step", "time": 1000.0 + i, "mem_allocated": 1, "mem_reserved": 2, "mem_peak": 2})
     qtbot.wait(300)
     assert 1 <= len(calls) <= 3
+
+
+def test_a_run_recorded_on_the_h200_shows_its_page_out_and_back(make_page):
+    # tests/engine/test_gpu.py's page-out run: a CPU touch of the paged optimizer state after step 2
+    # moves it out, the optimizer of step 3 brings it back (CUPTI's counters, 34 MiB each way).
+    page, _ = make_page()
+    _feed(page, H200_RUN)
+    assert page.paging_status.text() == "Paging: 3 events, 68.0 MiB moved   ·   paged optimizer state 34.0 MiB"
+    rows = _rows(page.paging_table)
+    assert [r[1:] for r in rows] == [  # newest first
+        ["3", "optimizer", "34.0 MiB", "0 B", "0"],
+        ["2", "other", "0 B", "34.0 MiB", "0"],
+        ["1", "other", "0 B", "0 B", "7"],
+    ]
+    x, y = page.curves["allocated"].getData()
+    assert len(x) == 4 and y[-1] == pytest.approx(168146944 / 2**30)
+    assert page.summary.text() == "torch: allocated 160 MiB, reserved 224 MiB, peak 188 MiB"
