@@ -24,6 +24,9 @@ if compgen -G ".peer/*.whl" >/dev/null; then
 fi
 export PYTHONPATH=$site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export QS_BENCH_MODELS=${QS_BENCH_MODELS:-$(mktemp -d)}
+# The copy of the tree on the GPU machine can carry an older .git than its files: name results by
+# the commit that was copied (QS_COMMIT=$(git rev-parse --short HEAD) on the way in).
+[ -n "${QS_COMMIT:-}" ] || echo "warning: QS_COMMIT is not set; result files take the commit of the copy's .git, which can be older than its files" >&2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, transformers, peft, bitsandbytes; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "bitsandbytes", bitsandbytes.__version__)'
 status=0
