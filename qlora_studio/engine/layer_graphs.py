@@ -1,5 +1,7 @@
 """CUDA graphs for the checkpointed decoder layers: the layer's own kernels, queued without Python.
 
+"Layer" here is whatever offload.py checkpoints: a decoder layer, or one of a split layer's blocks.
+
 A decoder layer's pass is a few hundred kernel launches: seven LoRA projections (a 4-bit
 dequantization and three matrix products each), norms, RoPE, attention, SwiGLU, and in backward
 their gradients. On an H200 the host needs longer to queue them than the GPU needs to run them:
@@ -23,8 +25,9 @@ What it needs and how it stays safe:
   tunes whatever is lazy (Triton kernels, cuBLAS workspaces). At most :data:`MAX_SHAPES` shapes are
   recorded; others run eagerly.
 * the tensors a graph reads and writes sit at fixed addresses: one set per shape, shared by all
-  layers, since the layers run one after another (:class:`_Buffers`). Inputs are copied in; a
-  graph writes its result over its input at the end, and the caller takes a copy.
+  layers, since the layers run one after another (:class:`_Buffers`); the input and gradient
+  buffers of every shape are views of one storage. Inputs are copied in; a graph writes its result
+  over its input at the end, and the caller takes a copy.
 * all graphs draw their temporaries from one memory pool; no temporary outlives its graph.
 * each adapter weight gets a gradient buffer of its own for good; a replay adds into it and it is
   attached as ``.grad`` before the replay (``zero_grad(set_to_none=True)`` detaches it).

@@ -10,7 +10,9 @@ layer's own: only where its input waits changes.
 
 :func:`use_offloaded_checkpointing` installs it as the decoder layers' checkpoint function
 (``_gradient_checkpointing_func``, which transformers calls as ``fn(forward, *args)`` with the
-hidden states first). It needs CUDA; on the CPU the ordinary checkpoint stays.
+hidden states first), or, for a Llama-style layer, around its two blocks (:func:`split_layer`):
+norm and attention, norm and MLP, each recomputed on its own. With ``cuda_graphs`` each pass is
+replayed as a CUDA graph (layer_graphs.py). It needs CUDA; on the CPU the ordinary checkpoint stays.
 """
 
 from __future__ import annotations
@@ -21,17 +23,17 @@ import weakref
 import torch
 
 _streams: dict[int, torch.cuda.Stream] = {}
-#: how many layers the host may queue ahead of the GPU
+#: how many checkpointed passes (layers, or blocks of split layers) the host may queue ahead of the GPU
 LAYERS_AHEAD = 3
 _queued: collections.deque[torch.cuda.Event] = collections.deque()
 
 
 def _keep_pace(done: torch.cuda.Event) -> None:
-    """Wait until the GPU is at most :data:`LAYERS_AHEAD` layers behind (``done``: this layer's end).
+    """Wait until the GPU is at most :data:`LAYERS_AHEAD` passes behind (``done``: this pass's end).
 
-    A host far ahead of the GPU (the layers replayed as CUDA graphs) keeps every queued layer's
+    A host far ahead of the GPU (the passes replayed as CUDA graphs) keeps every queued pass's
     memory in use: the inputs waiting for their copy to CPU memory in forward, those fetched back
-    in backward. The GPU stays busy with the layers still queued.
+    in backward. The GPU stays busy with the passes still queued.
     """
     _queued.append(done)
     while len(_queued) > LAYERS_AHEAD:
@@ -233,11 +235,8 @@ def split_layer(layer: torch.nn.Module, graphs_for=lambda module: None) -> bool:
     def mlp_block(hidden):
         return mlp_forward(norm2_forward(hidden))
 
-    def norm1_pass(hidden):
-        return hidden if checkpointing() else norm1_forward(hidden)
-
-    def norm2_pass(hidden):
-        return hidden if checkpointing() else norm2_forward(hidden)
+    def passing(norm_forward):
+        return lambda hidden: hidden if checkpointing() else norm_forward(hidden)
 
     def attn_checkpointed(*args, **kwargs):
         if not checkpointing():
@@ -253,7 +252,8 @@ def split_layer(layer: torch.nn.Module, graphs_for=lambda module: None) -> bool:
             return mlp_forward(hidden)
         return offloaded_checkpoint(mlp_block, hidden, graphs=mlp_graphs)
 
-    norm1.forward, attn.forward, norm2.forward, mlp.forward = norm1_pass, attn_checkpointed, norm2_pass, mlp_checkpointed
+    norm1.forward, norm2.forward = passing(norm1_forward), passing(norm2_forward)
+    attn.forward, mlp.forward = attn_checkpointed, mlp_checkpointed
     return True
 
 
