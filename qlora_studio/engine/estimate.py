@@ -1766,13 +1766,17 @@ def _suggest(result: Estimate, info: ModelInfo, s: dict[str, Any], available: in
     steps = _largest(lambda k: room(quick(seq_len=k * SEQ_STEP)), 1, max(1, context // SEQ_STEP))
     result.max_seq_len = steps * SEQ_STEP if steps else None
     out = result.suggestions
+    graphs = bool(s.get("cuda_graphs") and s.get("offload_checkpoints") and s["gradient_checkpointing"])
     if result.verdict == FITS:
         if s["gradient_checkpointing"]:
             other = quick(gradient_checkpointing=False)
             if verdict(other, available)[0] == FITS:
+                # The CUDA graphs replay the checkpointed passes: without checkpointing there are none.
+                gain = ("it saves the recomputation but also turns off the CUDA graphs, which need it: "
+                        "faster where the GPU is the limit, slower for small models whose steps are short"
+                        if graphs else "turning it off makes steps about a third faster")
                 out.append(Suggestion("train.gradient_checkpointing", False, (
-                    f"Gradient checkpointing is not needed here (without it: {_gib(other.peak + other.paged)}); "
-                    "turning it off makes steps about a third faster.")))
+                    f"Gradient checkpointing is not needed here (without it: {_gib(other.peak + other.paged)}); {gain}.")))
         return
     if room(result):  # only the paged optimizer states do not fit: they page
         if s["optimizer"] == "paged_adamw_32bit":
@@ -1795,6 +1799,8 @@ def _suggest(result: Estimate, info: ModelInfo, s: dict[str, Any], available: in
         changes.append(("train.loss_impl", "loss_impl", "chunked", "Use the chunked loss"))
     if s["optimizer"] not in PAGED_OPTIMIZERS:
         changes.append(("train.optimizer", "optimizer", "paged_adamw_32bit", "Use the paged optimizer"))
+    if graphs:
+        changes.append(("train.cuda_graphs", "cuda_graphs", False, "Turn off the CUDA graphs (slower steps)"))
     for setting, key, value, text in changes:
         other = quick(**{key: value})
         if room(other):

@@ -20,7 +20,7 @@ GROUPS = (
     ("LoRA and optimizer", "#5aa05a", ("lora", "gradients", "optimizer")),
     ("activations", "#d08a2c", ("activations",)),
     ("logits and loss", "#b5473a", ("loss",)),
-    ("working memory", "#8c6bb1", ("work",)),
+    ("working memory", "#8c6bb1", ("work", "graphs")),  # the CUDA graphs' pool holds the passes' temporaries
     ("CUDA and allocator", "#8a8a8a", ("context", "allocator")),
 )
 VERDICT_COLOURS = {"fits": "#2e7d32", "tight": "#b26a00", "does_not_fit": "#c62828"}

@@ -188,8 +188,24 @@ def test_suggestions_when_it_does_not_fit():
 def test_suggests_dropping_checkpointing_when_there_is_room():
     roomy = point(LLAMA_1B, gpu=80, micro_batch_size=2, seq=1024)
     assert roomy.verdict == "fits"
-    assert any(s.setting == "train.gradient_checkpointing" and s.value is False for s in roomy.suggestions)
+    drop = [s for s in roomy.suggestions if s.setting == "train.gradient_checkpointing" and s.value is False]
+    assert len(drop) == 1 and "CUDA graphs" in drop[0].text  # which need checkpointing
     assert roomy.max_micro_batch >= 2 and roomy.max_seq_len >= 1024
+    eager = point(LLAMA_1B, gpu=80, micro_batch_size=2, seq=1024, cuda_graphs=False)
+    assert any("about a third faster" in s.text for s in eager.suggestions)
+
+
+def test_suggests_turning_the_graphs_off_when_only_that_fits():
+    graphs, eager = point(), point(cuda_graphs=False)
+    assert graphs.peak > eager.peak
+    card = (graphs.peak + eager.peak) / 2 * (1 + E.MARGIN) / GiB  # room for one of them, with the margin
+    est = point(gpu=card)
+    assert est.verdict != "fits" and est.peak * (1 + E.MARGIN) > card * GiB
+    off = [s for s in est.suggestions if s.setting == "train.cuda_graphs"]
+    assert len(off) == 1 and off[0].value is False and "slower steps" in off[0].text
+    without = point(gpu=card, cuda_graphs=False)
+    assert without.peak * (1 + E.MARGIN) <= card * GiB
+    assert not any(s.setting == "train.cuda_graphs" for s in without.suggestions)
 
 
 def test_nothing_fits_a_tiny_card():

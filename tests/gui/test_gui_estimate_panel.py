@@ -46,3 +46,8 @@ def test_panel_without_gpu_and_with_a_tiny_gpu(qtbot):
 def _says_verdict(text: str, verdict: str) -> bool:
     return VERDICT_WORDS[verdict] in text
 
+
+
+def test_every_part_of_the_estimate_has_its_group():
+    grouped = {key for _, _, keys in GROUPS for key in keys}
+    assert set(E.LABELS) == grouped  # a new part (the CUDA graphs' pool, say) gets a colour a person can name
