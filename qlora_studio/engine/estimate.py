@@ -12,8 +12,10 @@ tensor by tensor -- every allocation and release, in order -- and reports the la
   recomputation, the chunked or standard cross-entropy, gradient accumulation, the optimizer's
   states (paged ones live in CUDA unified memory and are reported apart);
 * the engine's GPU-only paths (``engine/model.py::gpu_fast_paths``), for a CUDA estimate: layer
-  inputs offloaded to CPU memory between forward and backward (``engine/offload.py``), an untied
-  input embedding in CPU memory, liger-kernel's fused RMSNorm, SwiGLU and RoPE where installed;
+  inputs offloaded to CPU memory between forward and backward, Llama-style layers checkpointed as
+  their two blocks (``engine/offload.py``), the checkpointed passes replayed as CUDA graphs from a
+  memory pool of their own (``engine/layer_graphs.py``), an untied input embedding in CPU memory,
+  liger-kernel's fused RMSNorm, SwiGLU and RoPE where installed;
 * PyTorch's CUDA caching allocator, replayed over the same allocations, for the reserved memory
   (what fragmentation adds), and the CUDA context that NVML sees besides.
 
@@ -1766,7 +1768,7 @@ def _suggest(result: Estimate, info: ModelInfo, s: dict[str, Any], available: in
     steps = _largest(lambda k: room(quick(seq_len=k * SEQ_STEP)), 1, max(1, context // SEQ_STEP))
     result.max_seq_len = steps * SEQ_STEP if steps else None
     out = result.suggestions
-    graphs = bool(s.get("cuda_graphs") and s.get("offload_checkpoints") and s["gradient_checkpointing"])
+    graphs = result.item("graphs") > 0  # the settings replay the checkpointed passes as CUDA graphs
     if result.verdict == FITS:
         if s["gradient_checkpointing"]:
             other = quick(gradient_checkpointing=False)
