@@ -163,7 +163,7 @@ class GraphContext:
             return torch.empty_like(hidden, memory_format=torch.contiguous_format), torch.empty_like(
                 hidden, memory_format=torch.contiguous_format)
         storage = self._storage.get(hidden.dtype)
-        if storage is None or storage.numel() < 2 * self.max_tokens * width:
+        if storage is None:
             storage = self._storage[hidden.dtype] = torch.empty(2 * self.max_tokens * width, dtype=hidden.dtype,
                                                                  device=hidden.device)
         half = storage.numel() // 2
@@ -198,8 +198,8 @@ class LayerGraphs:
         prepared = self._prepare("forward", run, hidden, rest)
         if prepared is None:
             return None
-        graph_key, fn, buffers = prepared
-        buffers.load(hidden, *self._args_kwargs(run, rest))
+        graph_key, fn, buffers, kwargs = prepared
+        buffers.load(hidden, rest, kwargs)
         graph = self.graphs.get(graph_key)
         if graph is None:
             graph = self._record(graph_key, lambda: self._capture_forward(fn, buffers))
@@ -216,8 +216,8 @@ class LayerGraphs:
         prepared = self._prepare(("backward", hidden.requires_grad), run, hidden, rest)
         if prepared is None:
             return False, None
-        graph_key, fn, buffers = prepared
-        buffers.load(hidden, *self._args_kwargs(run, rest))
+        graph_key, fn, buffers, kwargs = prepared
+        buffers.load(hidden, rest, kwargs)
         buffers.grad.copy_(grad)
         graph = self.graphs.get(graph_key)
         if graph is None:
@@ -231,13 +231,9 @@ class LayerGraphs:
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
-    @staticmethod
-    def _args_kwargs(run, rest: tuple) -> tuple[tuple, dict]:
-        _, _, kwargs = _split(run)
-        return rest, kwargs
-
     def _prepare(self, kind, run, hidden: torch.Tensor, rest: tuple):
-        """(graph key, the call on the fixed buffers, the buffers) when this call can use a graph."""
+        """(graph key, the call on the fixed buffers, the buffers, the call's keyword arguments) when
+        this call can use a graph."""
         context = self.context
         if context.disabled is not None or not hidden.is_cuda or torch.cuda.is_current_stream_capturing():
             return None
@@ -256,7 +252,7 @@ class LayerGraphs:
         if buffers is None:
             return None
         fn = functools.partial(_call, func, bound, buffers)
-        return graph_key, fn, buffers
+        return graph_key, fn, buffers, kwargs
 
     def _record(self, graph_key, capture) -> torch.cuda.CUDAGraph | None:
         try:
@@ -268,8 +264,9 @@ class LayerGraphs:
         except Exception as exc:  # noqa: BLE001 - whatever the layer's kernels refuse under capture
             torch.cuda.synchronize(self.context.device)
             _reset_generator(self.context)
-            self.context.turn_off(f"recording {type(self.layer).__name__} failed ({type(exc).__name__}: "
-                                  f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})")
+            from .model import first_line
+
+            self.context.turn_off(f"recording {type(self.layer).__name__} failed ({type(exc).__name__}: {first_line(exc)})")
             return None
         self.graphs[graph_key] = graph
         self.context.graphs += 1
