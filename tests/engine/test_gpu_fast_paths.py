@@ -71,3 +71,44 @@ def test_fused_kernels_give_the_same_loss_and_gradients_within_rounding(demo_tem
     # The same formulas; bf16 intermediates are rounded at different places.
     assert loss == pytest.approx(loss_ref, rel=1e-2)
     close(grads_ref, grads, 5e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loss_kernel_gives_the_pytorch_paths_loss_and_gradient(monkeypatch, dtype):
+    pytest.importorskip("triton", reason="Triton is not installed")
+    from qlora_studio.engine import losses
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    vocab = 5000  # not a multiple of the kernel's block: its last block is masked
+    hidden = torch.randn(300, 256, device="cuda", generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, 256, device="cuda", generator=g) * 0.2).to(dtype)
+    targets = torch.randint(0, vocab, (300,), device="cuda", generator=g)
+    assert losses._kernel(hidden) is not None
+
+    def loss_and_grad():
+        loss = losses.frozen_head_cross_entropy(hidden, weight, targets, chunk=64)  # 5 chunks, the last short
+        (grad,) = torch.autograd.grad(loss * 0.5, hidden)
+        return loss, grad
+
+    fast, fast_grad = loss_and_grad()
+    monkeypatch.setattr(losses, "_kernel", lambda h: None)
+    slow, slow_grad = loss_and_grad()
+    ref = torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum")
+    # The same formula over the same logits; sums in another order (fp32).
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=0)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=0)
+    # The probabilities are rounded to the compute dtype in both: at most one rounding step apart.
+    assert (fast_grad.float() - slow_grad.float()).norm() <= 1e-2 * slow_grad.float().norm()
+    assert fast_grad.abs().sum() > 0
+
+
+def test_loss_kernel_without_gradient_leaves_the_logits_alone():
+    pytest.importorskip("triton", reason="Triton is not installed")
+    from qlora_studio.engine.ce_kernel import cross_entropy_rows
+
+    logits = torch.randn(3, 9000, device="cuda").to(torch.bfloat16)
+    before = logits.clone()
+    rows = cross_entropy_rows(logits, torch.tensor([0, 8999, 17], device="cuda"), grad=False)
+    assert torch.equal(logits, before)
+    torch.testing.assert_close(rows, torch.nn.functional.cross_entropy(
+        before.float(), torch.tensor([0, 8999, 17], device="cuda"), reduction="none"), rtol=1e-5, atol=1e-5)
