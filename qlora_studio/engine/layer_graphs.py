@@ -38,6 +38,7 @@ What it needs and how it stays safe:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Any
@@ -174,6 +175,32 @@ class GraphContext:
         segments = torch.cuda.memory._snapshot(self.device)["segments"]
         return sum(s["total_size"] for s in segments if tuple(s.get("segment_pool_id", (0, 0))) == tuple(self.pool))
 
+    @contextlib.contextmanager
+    def scratch(self):
+        """Allocate in the graphs' pool, on the capture stream, between replays.
+
+        The pool is idle between the forward pass's last replay and the backward pass's first: the
+        chunked loss (losses.py) takes its temporaries from it instead of from memory of its own.
+        Whatever is allocated here must be freed before the next replay, which reuses these
+        addresses without asking the allocator; results are allocated before entering. A no-op
+        until something is recorded, or with the graphs off.
+        """
+        begin = getattr(torch._C, "_cuda_beginAllocateCurrentThreadToPool", None)
+        if self.disabled is not None or not self.graphs or begin is None:
+            yield
+            return
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream), _workspaces_in_pool():
+            begin(index, self.pool)
+            try:
+                yield
+            finally:
+                torch._C._cuda_endAllocateToPool(index, self.pool)
+                torch._C._cuda_releasePool(index, self.pool)
+        current.wait_stream(self.stream)
+
     def turn_off(self, reason: str) -> None:
         if self.disabled is None:
             self.disabled = reason
@@ -193,8 +220,10 @@ class LayerGraphs:
 
     # -- the two passes ---------------------------------------------------------------------------
 
-    def forward(self, run, hidden: torch.Tensor, rest: tuple, rng_state: torch.Tensor) -> torch.Tensor | None:
-        """The layer's output through its graph, or None: the caller runs it eagerly."""
+    def forward(self, run, hidden: torch.Tensor, rest: tuple, rng_state: torch.Tensor,
+                tiles: list[slice] | None = None) -> torch.Tensor | None:
+        """The layer's output through its graph, or None: the caller runs it eagerly. ``tiles``: run it
+        on these ranges of the tokens one after another (offload.token_tiles)."""
         prepared = self._prepare("forward", run, hidden, rest)
         if prepared is None:
             return None
@@ -202,7 +231,7 @@ class LayerGraphs:
         buffers.load(hidden, rest, kwargs)
         graph = self.graphs.get(graph_key)
         if graph is None:
-            graph = self._record(graph_key, lambda: self._capture_forward(fn, buffers))
+            graph = self._record(graph_key, lambda: self._capture_forward(fn, buffers, tiles))
             # The recording's warm-up drew random numbers: the state goes back to the step's.
             torch.cuda.set_rng_state(rng_state, hidden.device)
             if graph is None:
@@ -210,9 +239,10 @@ class LayerGraphs:
         graph.replay()
         return buffers.hidden.clone()
 
-    def backward(self, run, hidden: torch.Tensor, rest: tuple, grad: torch.Tensor,
-                 rng_state: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
-        """Recompute and backpropagate through the graph: (done, the input's gradient or None)."""
+    def backward(self, run, hidden: torch.Tensor, rest: tuple, grad: torch.Tensor, rng_state: torch.Tensor,
+                 tiles: list[slice] | None = None) -> tuple[bool, torch.Tensor | None]:
+        """Recompute and backpropagate through the graph: (done, the input's gradient or None);
+        with ``tiles``, one range of the tokens after another."""
         prepared = self._prepare(("backward", hidden.requires_grad), run, hidden, rest)
         if prepared is None:
             return False, None
@@ -221,7 +251,7 @@ class LayerGraphs:
         buffers.grad.copy_(grad)
         graph = self.graphs.get(graph_key)
         if graph is None:
-            graph = self._record(graph_key, lambda: self._capture_backward(fn, buffers, hidden.requires_grad))
+            graph = self._record(graph_key, lambda: self._capture_backward(fn, buffers, hidden.requires_grad, tiles))
             torch.cuda.set_rng_state(rng_state, hidden.device)
             if graph is None:
                 return False, None
@@ -303,47 +333,88 @@ class LayerGraphs:
         torch.cuda.current_stream(self.context.device).wait_stream(stream)
         return result
 
-    def _capture_forward(self, fn, buffers: _Buffers) -> torch.cuda.CUDAGraph:
+    def _capture_forward(self, fn, buffers: _Buffers, tiles: list[slice] | None) -> torch.cuda.CUDAGraph:
         def step():
             with torch.no_grad():
-                return fn(buffers.hidden)
+                if tiles is None:
+                    return fn(buffers.hidden)
+                flat = _tokens(buffers.hidden)
+                out = torch.empty_like(flat)
+                for part in tiles:
+                    out[part] = fn(flat[part])
+                return out.view(buffers.hidden.shape)
 
         out = self._warm_up(step)
         if not isinstance(out, torch.Tensor) or out.shape != buffers.hidden.shape or out.dtype != buffers.hidden.dtype:
             raise NotGraphable("its output is not one tensor shaped like its input")
         del out
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.context.pool, stream=self.context.stream):
+        with _workspaces_in_pool(), torch.cuda.graph(graph, pool=self.context.pool, stream=self.context.stream):
             buffers.hidden.copy_(step())  # after everything that reads the input
         return graph
 
-    def _capture_backward(self, fn, buffers: _Buffers, input_grad: bool) -> torch.cuda.CUDAGraph:
+    def _capture_backward(self, fn, buffers: _Buffers, input_grad: bool,
+                          tiles: list[slice] | None) -> torch.cuda.CUDAGraph:
         params = self._trainable()
+        skip = 1 if input_grad else 0
+        used: list[int] = []
 
-        def step():
-            h = buffers.hidden.detach().requires_grad_(input_grad)
+        def step(part: slice | None, write: bool):
+            """Recompute and differentiate the pass (or a range of its tokens); with ``write``, add the
+            adapters' gradients to their buffers and put the input's gradient over the output's."""
+            h = (buffers.hidden if part is None else _tokens(buffers.hidden)[part]).detach().requires_grad_(input_grad)
+            grad = buffers.grad if part is None else _tokens(buffers.grad)[part]
             with torch.enable_grad():
                 out = fn(h)
             if not isinstance(out, torch.Tensor) or not out.requires_grad:
                 raise NotGraphable("its output is not one tensor that needs a gradient")
             inputs = ([h] if input_grad else []) + params
-            return torch.autograd.grad(out, inputs, buffers.grad, allow_unused=True)
+            grads = torch.autograd.grad(out, inputs, grad, allow_unused=True)
+            if write:
+                if used:
+                    torch._foreach_add_([self.grads[i] for i in used], [grads[skip + i] for i in used])
+                if input_grad:
+                    grad.copy_(grads[0])  # after everything that reads the output's gradient
+            return grads
 
-        grads = self._warm_up(step)
-        skip = 1 if input_grad else 0
-        used = [i for i, g in enumerate(grads[skip:]) if g is not None]
+        parts = tiles or [None]
+
+        def warm_up():
+            for part in parts:  # every shape of tile, so nothing is compiled while recording
+                grads = step(part, write=False)
+            return grads
+
+        grads = self._warm_up(warm_up)
+        used.extend(i for i, g in enumerate(grads[skip:]) if g is not None)
         del grads
         if not used and not input_grad:
             raise NotGraphable("nothing in it needs a gradient")
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.context.pool, stream=self.context.stream):
-            grads = step()
-            if used:
-                torch._foreach_add_([self.grads[i] for i in used], [grads[skip + i] for i in used])
-            if input_grad:
-                buffers.grad.copy_(grads[0])  # after everything that reads the output's gradient
-            del grads
+        with _workspaces_in_pool(), torch.cuda.graph(graph, pool=self.context.pool, stream=self.context.stream):
+            for part in parts:
+                step(part, write=True)  # each range's temporaries go before the next one's
         return graph
+
+
+@contextlib.contextmanager
+def _workspaces_in_pool():
+    """cuBLAS's workspaces made inside (in the graphs' pool), and given back to it after.
+
+    PyTorch keeps a 32 MiB workspace per cuBLAS handle and stream (on Hopper), for good: one per
+    thread that runs products (forward, autograd's backward) and stream (the default one, the
+    capture stream), 128 MiB in all. Dropped before a recording, the workspace the recording needs
+    is allocated in the pool; dropped after, it becomes one of the pool's temporaries that the
+    graph uses while it runs, like any other. The default stream's, which nothing uses once the
+    layers replay, are gone too. PyTorch's own CUDA graph trees (torch.compile) do the same.
+    """
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
+    try:
+        yield
+    finally:
+        if clear is not None:
+            clear()
 
 
 def _reset_generator(context: GraphContext) -> None:
@@ -360,6 +431,11 @@ def _reset_generator(context: GraphContext) -> None:
         del graph
     except Exception:  # noqa: BLE001 - nothing more to do; the next random draw would say so
         log.debug("could not reset the CUDA generator after a failed recording", exc_info=True)
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as (tokens, width): the rows that offload.token_tiles ranges index."""
+    return t.view(-1, t.shape[-1])
 
 
 def _call(func, bound: tuple, buffers: _Buffers, hidden: torch.Tensor):

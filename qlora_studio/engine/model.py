@@ -383,15 +383,21 @@ def gpu_fast_paths(model, cfg: RunConfig, device: torch.device) -> list[str]:
     triton_ok = torch.cuda.get_device_capability(device) >= (7, 5)
     if cfg.train.fused_kernels and triton_ok and fused_kernels(model.get_base_model()):
         used.append("fused_kernels")
+    # Before the checkpoints: offload.mlp_tile weighs the memory the model keeps on the GPU.
+    moved = cfg.train.embeddings_on_cpu and offload.embeddings_on_cpu(model.get_base_model())
     if cfg.train.gradient_checkpointing and cfg.train.offload_checkpoints:
         layers, graphs = offload.use_offloaded_checkpointing(
             model, cuda_graphs=cfg.train.cuda_graphs, max_tokens=cfg.train.micro_batch_size * cfg.data.max_seq_len)
         if layers:
             used.append("offload_checkpoints")
+            # Its checkpoint makes a layer's output need a gradient whatever its input: the hook
+            # that makes the embeddings' output need one is not needed, and would keep that output
+            # (and later its gradient) on the GPU, and compute the first layer's input gradient.
+            model.get_base_model().disable_input_require_grads()
         if graphs is not None:
             used.append("cuda_graphs")
             model.layer_graphs = graphs  # for the benchmark's memory figure (the graphs' pool)
-    if cfg.train.embeddings_on_cpu and offload.embeddings_on_cpu(model.get_base_model()):
+    if moved:
         used.append("embeddings_on_cpu")
     if used:
         log.info("GPU paths: %s", ", ".join(used))

@@ -23,6 +23,10 @@ import weakref
 import torch
 
 _streams: dict[int, torch.cuda.Stream] = {}
+#: the MLP block of a split layer runs on at most this many tokens at a time (token_tiles) ...
+MLP_TILE_TOKENS = 2048
+#: ... where a micro-batch's MLP intermediate would take more than this share of the model's GPU memory
+MLP_TILE_SHARE = 1 / 20
 #: how many checkpointed passes (layers, or blocks of split layers) the host may queue ahead of the GPU
 LAYERS_AHEAD = 3
 _queued: collections.deque[torch.cuda.Event] = collections.deque()
@@ -37,6 +41,18 @@ def _keep_pace(done: torch.cuda.Event) -> None:
     """
     _queued.append(done)
     while len(_queued) > LAYERS_AHEAD:
+        _queued.popleft().synchronize()
+
+
+def settle() -> None:
+    """Wait for the passes still queued (their inputs' copies to CPU memory included).
+
+    Their inputs are then free before what comes next allocates: the trainer calls this between
+    the last layer's forward pass and the loss, whose chunks would otherwise come on top of up to
+    :data:`LAYERS_AHEAD` inputs still waiting for their copy. The GPU is only briefly idle: the
+    host queues the loss's first kernels right after.
+    """
+    while _queued:
         _queued.popleft().synchronize()
 
 
@@ -97,31 +113,67 @@ class _Saved:
             previous.fetch()
 
 
+def token_tiles(hidden: torch.Tensor, tile: int | None) -> list[slice] | None:
+    """Ranges of at most ``tile`` of ``hidden``'s tokens (its rows once all but the last dimension
+    are flattened), of equal size but the last; None when one range holds them all."""
+    tokens = hidden.numel() // hidden.shape[-1] if hidden.dim() else 0
+    if not tile or tokens <= tile:
+        return None
+    size = -(-tokens // -(-tokens // tile))
+    return [slice(start, min(start + size, tokens)) for start in range(0, tokens, size)]
+
+
+def _tiled_forward(run, hidden: torch.Tensor, tiles: list[slice]) -> torch.Tensor:
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    out = torch.empty_like(flat)
+    for part in tiles:
+        out[part] = run(flat[part])
+    return out.view(hidden.shape)
+
+
+def _tiled_backward(run, hidden: torch.Tensor, grad: torch.Tensor, tiles: list[slice]) -> torch.Tensor | None:
+    """Recompute and backpropagate one range of tokens after another; the input's gradient."""
+    flat, grad = hidden.detach().reshape(-1, hidden.shape[-1]), grad.reshape(-1, hidden.shape[-1])
+    grad_in = torch.empty_like(flat) if hidden.requires_grad else None
+    for part in tiles:
+        h = flat[part].detach().requires_grad_(hidden.requires_grad)
+        with torch.enable_grad():
+            out = run(h)
+        if out.requires_grad:
+            torch.autograd.backward(out, grad[part])
+        if grad_in is not None:
+            grad_in[part] = h.grad if h.grad is not None else 0
+    return grad_in.view(hidden.shape) if grad_in is not None else None
+
+
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, graphs, hidden, anchor, *rest):
+    def forward(ctx, run, graphs, tile, hidden, anchor, *rest):
         ctx.run, ctx.rest, ctx.graphs = run, rest, graphs
+        ctx.tiles = token_tiles(hidden, tile) if not rest else None
         ctx.rng_cpu = torch.get_rng_state()
         ctx.rng_cuda = torch.cuda.get_rng_state(hidden.device)
         ctx.saved = _Saved(hidden)
         if graphs is not None:
-            out = graphs.forward(run, hidden, rest, ctx.rng_cuda)
+            out = graphs.forward(run, hidden, rest, ctx.rng_cuda, ctx.tiles)
             if out is not None:
                 return out
         with torch.no_grad():
-            return run(hidden, *rest)
+            return run(hidden, *rest) if ctx.tiles is None else _tiled_forward(run, hidden, ctx.tiles)
 
     @staticmethod
     def backward(ctx, *grads):
         saved: _Saved = ctx.saved
         hidden = saved.take().detach().requires_grad_(saved.requires_grad)
         saved.fetch_previous()  # copies while this layer recomputes
-        graphs, done, grad_in = ctx.graphs, False, None
+        graphs, tiles, done, grad_in = ctx.graphs, ctx.tiles, False, None
         with torch.random.fork_rng(devices=[hidden.device]):
             torch.set_rng_state(ctx.rng_cpu)
             torch.cuda.set_rng_state(ctx.rng_cuda, hidden.device)
             if graphs is not None and len(grads) == 1 and grads[0] is not None:
-                done, grad_in = graphs.backward(ctx.run, hidden, ctx.rest, grads[0], ctx.rng_cuda)
+                done, grad_in = graphs.backward(ctx.run, hidden, ctx.rest, grads[0], ctx.rng_cuda, tiles)
+            if not done and tiles is not None and grads[0] is not None:
+                done, grad_in = True, _tiled_backward(ctx.run, hidden, grads[0], tiles)
             if not done:
                 with torch.enable_grad():
                     out = ctx.run(hidden, *ctx.rest)
@@ -136,19 +188,23 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         done_event.record(torch.cuda.current_stream(hidden.device))
         _keep_pace(done_event)
         n_rest = len(ctx.rest)
-        ctx.run = ctx.rest = ctx.saved = ctx.graphs = None
-        return (None, None, grad_in, None) + (None,) * n_rest
+        ctx.run = ctx.rest = ctx.saved = ctx.graphs = ctx.tiles = None
+        return (None, None, None, grad_in, None) + (None,) * n_rest
 
 
 _anchors: dict[torch.device, torch.Tensor] = {}
 
 
-def offloaded_checkpoint(function, hidden: torch.Tensor, *rest, graphs=None):
+def offloaded_checkpoint(function, hidden: torch.Tensor, *rest, graphs=None, tile: int | None = None):
     """``function(hidden, *rest)``, keeping only ``hidden`` for backward, and that in CPU memory.
 
     ``anchor`` is an empty tensor that requires grad, so the result requires grad (and the layer's
     adapters get their gradients) even when ``hidden`` does not, as for the first layer's input.
     ``graphs``: the layer's :class:`~.layer_graphs.LayerGraphs`, which replay its passes as CUDA graphs.
+    ``tile``: for a ``function`` of the hidden states alone that works token by token (a norm and an
+    MLP), run it on at most this many tokens at a time, forward and backward: each range is
+    recomputed and differentiated before the next, so only one range's intermediates exist at once.
+    Every token's output is computed as before; the adapters' gradients are sums over the ranges.
     """
     if any(isinstance(t, torch.Tensor) and t.requires_grad for t in rest):
         # Only the hidden states get a gradient here; anything else that needs one takes the usual path.
@@ -158,20 +214,51 @@ def offloaded_checkpoint(function, hidden: torch.Tensor, *rest, graphs=None):
     anchor = _anchors.get(hidden.device)
     if anchor is None:
         anchor = _anchors[hidden.device] = torch.empty(0, device=hidden.device, requires_grad=True)
-    return _OffloadedCheckpoint.apply(function, graphs, hidden, anchor, *rest)
+    return _OffloadedCheckpoint.apply(function, graphs, tile, hidden, anchor, *rest)
+
+
+def mlp_tile(model, max_tokens: int | None) -> int | None:
+    """The tokens per range for split layers' MLP blocks (:func:`split_layer`), or None for no ranges.
+
+    Ranges cost time: each one more dequantizes the MLP's 4-bit weights once more, forward,
+    recomputed and backward (about 6% of a step of the 8B shape in two ranges, bench/perf_harness.py
+    row engine-mlp-whole). They are used where they save a sizeable share of the memory: when one
+    MLP intermediate of the largest micro-batch (``max_tokens`` × intermediate size, compute dtype)
+    is more than :data:`MLP_TILE_SHARE` of the model's parameters on the GPU. On the 1B benchmark
+    shape (4 × 1,024 tokens) that is 67 MB against 1.07 GB, and the ranges keep its step within
+    1.7 GB; on the 8B shape (2 × 2,048) 117 MB against 4.8 GB, and the step stays whole and faster.
+    """
+    width = getattr(getattr(model, "config", None), "intermediate_size", None)
+    if not max_tokens or not isinstance(width, int) or max_tokens <= MLP_TILE_TOKENS:
+        return None
+    resident = sum(p.numel() * p.element_size() for p in model.parameters() if p.is_cuda)
+    dtype_bytes = model.get_input_embeddings().weight.element_size()  # kept in the compute dtype
+    return MLP_TILE_TOKENS if max_tokens * width * dtype_bytes > MLP_TILE_SHARE * resident else None
+
+
+def _settle_before(module: torch.nn.Module) -> None:
+    """Call :func:`settle` before ``module`` runs while training (the final norm: its fp32
+    temporaries then do not come on top of the last layers' inputs)."""
+    def hook(mod, args):
+        if mod.training and torch.is_grad_enabled():
+            settle()
+
+    module.register_forward_pre_hook(hook)
 
 
 def use_offloaded_checkpointing(model, cuda_graphs: bool = False, max_tokens: int | None = None):
     """Make every checkpointed layer of ``model`` offload its input; returns how many layers and,
     with ``cuda_graphs``, the :class:`~.layer_graphs.GraphContext` the layers' graphs share (else None).
 
-    A Llama-style layer is checkpointed as its two residual blocks (:func:`split_layer`), any other
-    layer whole. ``max_tokens``: the largest micro-batch's tokens, for the graphs' buffers."""
+    A Llama-style layer is checkpointed as its two residual blocks (:func:`split_layer`), its MLP
+    block in ranges of tokens where :func:`mlp_tile` says so; any other layer whole.
+    ``max_tokens``: the largest micro-batch's tokens, for the graphs' buffers."""
     from functools import partial
 
     from .layer_graphs import GraphContext, LayerGraphs
 
     context = None
+    tile = mlp_tile(model, max_tokens)
 
     def graphs_for(module):
         nonlocal context
@@ -184,11 +271,15 @@ def use_offloaded_checkpointing(model, cuda_graphs: bool = False, max_tokens: in
     count = 0
     for module in model.modules():
         if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
-            if split_layer(module, graphs_for):
+            if split_layer(module, graphs_for, tile):
                 module._gradient_checkpointing_func = _direct
             else:
                 module._gradient_checkpointing_func = partial(offloaded_checkpoint, graphs=graphs_for(module))
             count += 1
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    if count and isinstance(getattr(decoder, "norm", None), torch.nn.Module):
+        _settle_before(decoder.norm)
     return count, context
 
 
@@ -200,13 +291,16 @@ def _direct(function, *args):
 BLOCKS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
 
 
-def split_layer(layer: torch.nn.Module, graphs_for=lambda module: None) -> bool:
+def split_layer(layer: torch.nn.Module, graphs_for=lambda module: None, tile: int | None = None) -> bool:
     """Checkpoint a Llama-style decoder layer as two blocks, norm and attention, norm and MLP.
 
     Both residual adds stay outside, in the layer's own forward. Backward then recomputes and
     differentiates one block at a time, so only one block's activations exist at once (for the MLP
     block of an 8B model about half of the layer's), for one more input in CPU memory per layer.
-    The same operations on the same values as the whole layer's recomputation.
+    With ``tile``, the MLP block, which works token by token, runs on at most that many tokens at a
+    time (``offloaded_checkpoint(tile=...)``, :func:`mlp_tile`): its intermediates, several times
+    the hidden size wide, exist for one range of tokens at once. Each token's values are those of
+    the whole layer's recomputation; the adapters' gradients are summed over the ranges.
 
     It works on the layer's children in place, so the model's structure and weights' names stay:
     while training with gradients, each norm passes its input through and the block after it
@@ -250,7 +344,7 @@ def split_layer(layer: torch.nn.Module, graphs_for=lambda module: None) -> bool:
     def mlp_checkpointed(hidden):
         if not checkpointing():
             return mlp_forward(hidden)
-        return offloaded_checkpoint(mlp_block, hidden, graphs=mlp_graphs)
+        return offloaded_checkpoint(mlp_block, hidden, graphs=mlp_graphs, tile=tile)
 
     norm1.forward, norm2.forward = passing(norm1_forward), passing(norm2_forward)
     attn.forward, mlp.forward = attn_checkpointed, mlp_checkpointed
@@ -286,4 +380,4 @@ def embeddings_on_cpu(model) -> bool:
     return True
 
 
-__all__ = ["embeddings_on_cpu", "offloaded_checkpoint", "use_offloaded_checkpointing"]
+__all__ = ["embeddings_on_cpu", "offloaded_checkpoint", "settle", "token_tiles", "use_offloaded_checkpointing"]

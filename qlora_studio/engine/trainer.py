@@ -32,6 +32,7 @@ from ..events import EventWriter
 from ..monitor.paging import paged_state_bytes
 from . import checkpoint as ckpt
 from . import device as devices
+from . import offload
 from .data import IGNORE, Batcher, Dataset, collate, load_dataset
 from .losses import frozen_head_cross_entropy
 from .model import load_model
@@ -164,14 +165,18 @@ def loss_sum(model, batch: dict[str, torch.Tensor], impl: str = "standard", keep
         head = base.get_output_embeddings()
         if head is not None and not getattr(base.config, "final_logit_softcapping", None):
             hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            offload.settle()  # the last layers' inputs, still waiting for their copy to CPU memory, go first
             h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+            del hidden  # the final norm keeps its input, not its output
             y = labels.reshape(-1)
             keep = learned_positions(batch["labels"]) if keep is None else keep
-            h, y = h.index_select(0, keep), y.index_select(0, keep)
+            if keep.numel() != h.shape[0]:  # when every position is learned, the rows are already those
+                h, y = h.index_select(0, keep), y.index_select(0, keep)
             chunk = loss_chunk_tokens(head.weight.shape[0])
             if not head.weight.requires_grad:
-                return frozen_head_cross_entropy(h, head.weight, y, chunk)
-            total = hidden.new_zeros((), dtype=torch.float32)
+                graphs = getattr(model, "layer_graphs", None)
+                return frozen_head_cross_entropy(h, head.weight, y, chunk, graphs.scratch if graphs is not None else None)
+            total = h.new_zeros((), dtype=torch.float32)
             for start in range(0, h.shape[0], chunk):
                 total = total + activation_checkpoint(
                     _head_ce, h[start : start + chunk], y[start : start + chunk], head.weight, use_reentrant=False,

@@ -62,18 +62,23 @@ def test_chunked_loss_matches_standard_on_cuda(demo_template):
     torch.testing.assert_close(loss_sum(model, batch, "chunked"), loss_sum(model, batch, "standard"), rtol=1e-3, atol=1e-2)
 
 
-def test_real_out_of_memory_is_recovered_under_a_memory_cap(demo_template, tmp_path):
+def test_real_out_of_memory_is_recovered_under_a_memory_cap(demo_template, tmp_path, monkeypatch):
     """Cap this process's share of the GPU between the peaks of micro-batch 64 and 16, then train at 64."""
     import gc
 
     from qlora_studio.engine import device as devices
+    from qlora_studio.engine import offload
+
+    # The MLP in ranges of tokens would make the two peaks nearly equal (a range holds 16 rows).
+    monkeypatch.setattr(offload, "mlp_tile", lambda model, max_tokens: None)
     from qlora_studio.engine.data import Batcher, collate, load_dataset
     from qlora_studio.engine.model import load_model
     from qlora_studio.engine.trainer import accumulate
 
     cfg = C.replace(C.load(demo_template / "config.toml"),
                     train={"device": "cuda", "micro_batch_size": 64, "grad_accum_steps": 1, "max_steps": 3,
-                           "checkpoint_every": 0, "loss_impl": "standard"}, data={"max_seq_len": 128})
+                           "checkpoint_every": 0, "loss_impl": "standard", "cuda_graphs": False},
+                    data={"max_seq_len": 128})
     device = torch.device("cuda", 0)
     model, tok, _ = load_model(cfg, device, torch.bfloat16, demo_template)
     data = load_dataset(cfg.data, tok, demo_template)
@@ -86,6 +91,7 @@ def test_real_out_of_memory_is_recovered_under_a_memory_cap(demo_template, tmp_p
         model.zero_grad(set_to_none=True)
         return torch.cuda.max_memory_reserved()
 
+    peak(16)  # what is made once (cuBLAS's workspaces, kernels) is made here, counted in neither peak
     big, small = peak(64), peak(16)
     del model
     gc.collect()

@@ -135,3 +135,30 @@ def test_batches_of_two_widths_each_get_their_graphs(demo_template):
     for (loss_ref, grads_ref), (loss, grads) in zip(eager, graphed):
         assert loss == pytest.approx(loss_ref, rel=1e-5)
         close(grads_ref, grads, 1e-3)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_an_mlp_in_token_ranges_gives_the_losses_and_gradients_of_the_whole(demo_template, monkeypatch, graphs):
+    from qlora_studio.engine import offload
+
+    whole, _, _ = _passes(demo_template, 0.0, cuda_graphs=graphs)
+    tiled_calls = []
+    real = offload.token_tiles
+
+    def spy(hidden, tile):
+        tiles = real(hidden, tile)
+        if tiles is not None:
+            tiled_calls.append(len(tiles))
+        return tiles
+
+    monkeypatch.setattr(offload, "MLP_TILE_TOKENS", 48)
+    monkeypatch.setattr(offload, "token_tiles", spy)
+    tiled, info, context = _passes(demo_template, 0.0, cuda_graphs=graphs)
+    assert tiled_calls and min(tiled_calls) >= 2  # the MLP blocks ran in ranges
+    assert ("cuda_graphs" in info.fast_paths) == graphs
+    if graphs:
+        assert context.disabled is None and context.graphs > 0
+    for (loss_ref, grads_ref), (loss, grads) in zip(whole, tiled):
+        # Each token's values as before; the adapters' gradients summed over the ranges.
+        assert loss == pytest.approx(loss_ref, rel=1e-4)
+        close(grads_ref, grads, 1e-2)  # bf16 products: summed over two ranges, rounded apart

@@ -37,3 +37,49 @@ def test_a_layer_of_another_shape_is_not_split():
     forwards = {name: child.forward for name, child in layer.named_children()}
     assert split_layer(layer) is False
     assert {name: child.forward for name, child in layer.named_children()} == forwards
+
+
+def test_token_tiles_cover_every_token_once_in_near_equal_ranges():
+    from qlora_studio.engine.offload import token_tiles
+
+    assert token_tiles(torch.empty(2, 1024, 8), 2048) is None  # fits in one range
+    assert token_tiles(torch.empty(4, 1024, 8), None) is None
+    assert token_tiles(torch.empty(4, 1024, 8), 2048) == [slice(0, 2048), slice(2048, 4096)]
+    tiles = token_tiles(torch.empty(5, 1000, 8), 2048)  # 5,000 tokens: three ranges of at most 2,048
+    assert len(tiles) == 3 and all(t.stop - t.start <= 2048 for t in tiles)
+    covered = [i for t in tiles for i in range(t.start, t.stop)]
+    assert covered == list(range(5000))
+    assert len({t.stop - t.start for t in tiles[:-1]}) == 1
+
+
+def test_a_token_wise_block_in_ranges_gives_the_whole_blocks_output_and_gradients():
+    """offload's tiled passes (what the MLP block runs on a GPU): forward under no_grad, then each
+    range recomputed and differentiated; the same output and gradients as the whole block."""
+    from qlora_studio.engine.offload import _tiled_backward, _tiled_forward, token_tiles
+
+    torch.manual_seed(0)
+    norm = torch.nn.RMSNorm(64)
+    up, down = torch.nn.Linear(64, 256), torch.nn.Linear(256, 64)
+
+    def block(h):
+        return down(torch.nn.functional.silu(up(norm(h))))
+
+    x = torch.randn(3, 50, 64, dtype=torch.float64)
+    g = torch.randn(3, 50, 64, dtype=torch.float64)
+    for m in (norm, up, down):
+        m.double()
+    tiles = token_tiles(x, 64)
+    assert len(tiles) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(_tiled_forward(block, x, tiles), block(x))
+
+    whole = x.clone().requires_grad_()
+    block(whole).backward(g)
+    expected = [p.grad.clone() for p in (*up.parameters(), *down.parameters(), norm.weight)]
+    for p in (*up.parameters(), *down.parameters(), norm.weight):
+        p.grad = None
+    grad_in = _tiled_backward(block, x.clone().requires_grad_(), g, tiles)
+    torch.testing.assert_close(grad_in, whole.grad)
+    for p, e in zip((*up.parameters(), *down.parameters(), norm.weight), expected):
+        torch.testing.assert_close(p.grad, e)
+    assert _tiled_backward(block, x.clone(), g, tiles) is None  # an input that needs no gradient
