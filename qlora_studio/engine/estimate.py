@@ -61,6 +61,8 @@ EIGHT_BIT_BLOCK = 256  #: elements per fp32 absmax of a blockwise 8-bit state
 LOSS_CHUNK_TOKENS = 1024  #: at most this many tokens per output-head chunk of the ``chunked`` loss (as trainer.py)
 LOSS_LOGITS_BYTES = 128 << 20  #: and at most this much for a chunk's fp32 logits (as trainer.py)
 LAYERS_AHEAD = 3  #: passes the host queues ahead of the GPU, their inputs still on it (as offload.py)
+MLP_TILE_TOKENS = 2048  #: a split layer's MLP block runs on at most this many tokens at a time ... (as offload.py)
+MLP_TILE_SHARE = 1 / 20  #: ... where one MLP intermediate is more than this share of the parameters' memory
 #: ``model_type`` values whose decoder layers offload.split_layer checkpoints as two blocks
 SPLIT_LAYER_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "smollm3", "gemma"})
 
@@ -462,9 +464,12 @@ class _Timeline:
         self.peak, self.phase_peaks, self._at_peak = self.now, {}, True
 
     @contextlib.contextmanager
-    def graph(self):
-        """One CUDA graph's replay: its tensors come from the graphs' pool, and none outlives it."""
+    def graph(self, workspace: int = 0):
+        """One CUDA graph's replay: its tensors come from the graphs' pool, and none outlives it;
+        ``workspace``: cuBLAS's workspace, which is one of them (layer_graphs._workspaces_in_pool)."""
         self.in_pool = True
+        if workspace:
+            self.alloc(workspace)
         try:
             yield
         finally:
@@ -526,7 +531,8 @@ class _StepSimulation:
         self.kernels = FUSED_KERNELS.get(info.model_type) if settings.get("fused_kernels") and self.cuda else None
         # transformers' gradient_checkpointing_enable() hooks the embeddings so that their output
         # requires a gradient: the first layer then saves and computes like every other one
-        self.embeddings_need_grad = self.checkpointing
+        # (offload.py's checkpoint does without: model.gpu_fast_paths removes the hook)
+        self.embeddings_need_grad = self.checkpointing and not self.offload
         #: gradients computed before a checkpointed layer's recomputation, by projection
         self._pending: dict[str, int] = {}
 
@@ -1109,31 +1115,42 @@ class _StepSimulation:
     def _chunked_loss(self, hidden: int, n: int) -> int:
         """``losses.FrozenHeadCrossEntropy``: per chunk of tokens, the logits in fp32, their
         log-sum-exp, and at once the hidden states' gradient, written into one buffer that is the
-        only tensor kept for backward. Every position is counted as learned (the worst case)."""
+        only tensor kept for backward; on a GPU with Triton, the logits in the compute dtype only.
+        Every position is counted as learned (the worst case)."""
         tl, c = self.tl, self.c
         v, h = self.info.vocab_size, self.info.hidden_size
-        shifted = tl.alloc(c * n * h) if self.shape.batch > 1 else None  # hidden[:, :-1].reshape
-        selected = tl.alloc(c * n * h)  # index_select of the learned positions
-        tl.free(shifted)
+        # hidden[:, :-1].reshape; with every position learned no index_select follows. The final
+        # norm's output goes (the norm keeps its input).
+        selected = tl.alloc(c * n * h) if self.shape.batch > 1 else tl.ref(hidden)
+        tl.free(hidden)
         grad_hidden = tl.keep(tl.alloc(c * n * h))
         chunk = loss_chunk_tokens(v)
+        # With the CUDA graphs the chunks' temporaries come from their pool (GraphContext.scratch).
+        with tl.graph(CUBLAS_WORKSPACE) if self.graphs else contextlib.nullcontext():
+            self._loss_chunks(n, chunk)
+        tl.free(selected, grad_hidden)  # autograd's reference to grad_hidden remains
+        tl.phase = "loss backward"
+        scaled = tl.alloc(c * n * h)  # the stored gradient times the incoming one
+        tl.free(grad_hidden)
+        g_hidden = tl.alloc(c * self.t * h)  # the slice's backward
+        tl.free(scaled)
+        return g_hidden
+
+    def _loss_chunks(self, n: int, chunk: int) -> None:
+        tl, c = self.tl, self.c
+        v, h = self.info.vocab_size, self.info.hidden_size
         for start in range(0, n, chunk):  # one chunk's logits alive at a time
             k = min(chunk, n - start)
+            if self.s.get("loss_kernel"):  # ce_kernel.py: loss and gradient over the logits in place
+                logits = tl.alloc(c * k * v, "loss")
+                tl.free(tl.alloc(4 * k), logits)  # each row's loss; the gradient goes straight into its buffer
+                continue
             low = tl.alloc(c * k * v, "loss")  # h @ W.T
             logits = tl.alloc(4 * k * v, "loss")  # .float(); the exponentials are written over it
             tl.free(low)
             probs_low = tl.alloc(c * k * v, "loss")  # the probabilities, computed in place, cast
             tl.free(tl.alloc(c * k * h), probs_low)  # @ W, copied into the gradient buffer
             tl.free(logits)
-        tl.free(selected, hidden, grad_hidden)  # autograd's reference to grad_hidden remains
-        tl.phase = "loss backward"
-        scaled = tl.alloc(c * n * h)  # the stored gradient times the incoming one
-        tl.free(grad_hidden)
-        g_shift = tl.alloc(c * n * h)  # index_select's backward
-        tl.free(scaled)
-        g_hidden = tl.alloc(c * self.t * h)  # the slice's backward
-        tl.free(g_shift)
-        return g_hidden
 
     # --- the blocks of a split layer (offload.split_layer) and the graphs' replays ------------
 
@@ -1162,25 +1179,51 @@ class _StepSimulation:
         tl.free(g_n)
         return g_x
 
+    def _tiles(self, kind: str) -> list[int] | None:
+        """offload.token_tiles for a split layer's MLP block: the tokens of each range, or None."""
+        t, tile = self.t, self.s.get("mlp_tile")
+        if kind != "mlp" or not tile or t <= tile:
+            return None
+        size = -(-t // -(-t // tile))
+        return [min(size, t - start) for start in range(0, t, size)]
+
+    @contextlib.contextmanager
+    def _tokens(self, n: int, first: bool):
+        """Simulate a range of ``n`` tokens; after the ``first`` range the adapters' gradients exist."""
+        t, present = self.t, self.grads_present
+        self.t, self.grads_present = n, present or not first
+        try:
+            yield
+        finally:
+            self.t, self.grads_present = t, present
+
     def _forward_pass(self, kind: str, x: int, input_grad: bool) -> int:
         """A checkpointed pass under no_grad: its output (a replay's, copied out of the graph)."""
+        tl, tiles = self.tl, self._tiles(kind)
+        if tiles is not None:  # each range's output is copied into one tensor
+            with tl.graph(CUBLAS_WORKSPACE) if self.graphs else contextlib.nullcontext():
+                out = tl.alloc(self.c * self.info.hidden_size * self.t)
+                for i, n in enumerate(tiles):
+                    with self._tokens(n, i == 0):
+                        tl.free(self.block_forward(kind, x, input_grad, keep=False)[0])
+            return out if not self.graphs else tl.alloc(self.c * self.info.hidden_size * self.t)
         if not self.graphs:
             if kind == "layer":
                 return self.layer_forward(x, input_grad, keep=False)[0]
             return self.block_forward(kind, x, input_grad, keep=False)[0]
-        with self.tl.graph():
+        with tl.graph(CUBLAS_WORKSPACE):
             if kind == "layer":
                 self.layer_forward(x, input_grad, keep=False)
             else:
                 self.block_forward(kind, x, input_grad, keep=False)
-        return self.tl.alloc(self.c * self.info.hidden_size * self.t)
+        return tl.alloc(self.c * self.info.hidden_size * self.t)
 
     def _backward_pass(self, kind: str, x: int, grad: int, input_grad: bool) -> int | None:
         """A checkpointed pass recomputed and differentiated; the input's gradient."""
         tl = self.tl
         held = tl.ref(grad)  # the backward function holds the incoming gradient until it returns
         if self.graphs:
-            with tl.graph():
+            with tl.graph(CUBLAS_WORKSPACE):
                 self._checkpointed_backward(kind, x, tl.ref(grad), input_grad)
             g = tl.alloc(self.c * self.info.hidden_size * self.t) if input_grad else None
             self._graph_grads = []
@@ -1190,7 +1233,18 @@ class _StepSimulation:
         return g
 
     def _checkpointed_backward(self, kind: str, x: int, grad: int, input_grad: bool) -> int | None:
-        tl = self.tl
+        tl, tiles = self.tl, self._tiles(kind)
+        if tiles is not None:
+            # One range after another: recomputed, differentiated, its input's gradient copied out
+            # (into a new tensor, or over the graph's gradient buffer) and its temporaries gone.
+            g_in = tl.alloc(self.c * self.info.hidden_size * self.t) if input_grad and not self.graphs else None
+            for i, n in enumerate(tiles):
+                with self._tokens(n, i == 0):
+                    out, saved = self.block_forward(kind, x, input_grad, keep=True)
+                    tl.free(self.block_backward(kind, grad, saved, input_grad), out, *self._graph_grads)
+                    self._graph_grads = []
+            tl.free(grad)
+            return g_in
         if kind == "layer":
             out, saved = self.layer_forward(x, input_grad, keep=True)
             g = self.layer_backward(grad, saved, input_grad=input_grad)  # takes ``grad``
@@ -1334,14 +1388,12 @@ class _StepSimulation:
         return tl
 
     def graph_buffers(self) -> None:
-        """What the CUDA graphs keep for the whole run (layer_graphs.py): the capture stream's cuBLAS
-        workspaces, the fixed input and gradient tensors, the copies of RoPE's tables (and of the
-        mask), and every adapter's .grad."""
+        """What the CUDA graphs keep for the whole run (layer_graphs.py): the fixed input and
+        gradient tensors, the copies of RoPE's tables (and of the mask), and every adapter's .grad.
+        (cuBLAS's workspaces are temporaries in their pool.)"""
         if not self.graphs:
             return
         tl, c, h, t, shape = self.tl, self.c, self.info.hidden_size, self.t, self.shape
-        for _ in range(CUBLAS_WORKSPACE_BYTES // CUBLAS_WORKSPACE):  # cuBLAS's, for the capture stream
-            tl.alloc(CUBLAS_WORKSPACE, "graphs")
         tl.alloc(2 * c * h * t, "graphs")
         tl.alloc(2 * c * self.info.head_dim * shape.seq, "graphs")
         if self.kernel() != "flash":
@@ -1523,6 +1575,17 @@ def liger_installed() -> bool:
         return False
 
 
+def triton_installed() -> bool:
+    """Whether Triton can be imported here (without importing it): the chunked loss's kernel
+    (engine/ce_kernel.py) runs on a GPU where it can."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _settings(run: RunConfig, seq: int | None = None, batch: int | None = None, *, liger: bool | None = None,
               **overrides: Any) -> dict[str, Any]:
     """The settings the simulation reads. The GPU-only paths (``engine/model.py::gpu_fast_paths``)
@@ -1550,6 +1613,8 @@ def _settings(run: RunConfig, seq: int | None = None, batch: int | None = None, 
         "embeddings_on_cpu": cuda and bool(getattr(t, "embeddings_on_cpu", False)),
         "fused_kernels": fused_kernels and (liger_installed() if liger is None else bool(liger)),
         "fused_optimizer": bool(getattr(t, "fused_optimizer", False)),
+        # the chunked loss's Triton kernel (losses.py), where Triton is installed
+        "loss_kernel": cuda and triton_installed(),
         # with offloaded checkpoints only: the simulation checks
         "cuda_graphs": cuda and bool(getattr(t, "cuda_graphs", False)),
         "padded": False,
@@ -1592,6 +1657,12 @@ def _simulate(info: ModelInfo, s: dict[str, Any], replay: bool) -> Estimate:
     opt = optimizer_bytes(s["optimizer"], sizes, fused=s["fused_optimizer"], cuda=cuda)
     accumulating = s["grad_accum_steps"] > 1
     sixteen_bit = info.unquantized_params - (info.embedding_params if s["embeddings_on_cpu"] else 0)
+    # offload.mlp_tile: the MLP in ranges of tokens where one intermediate would be a sizeable share
+    # of the parameters on the GPU (4-bit packed, 16-bit, the adapters)
+    resident = q.packed + c * sixteen_bit + LORA_BYTES * sum(sizes)
+    tokens = shape.tokens
+    s["mlp_tile"] = (MLP_TILE_TOKENS if tokens > MLP_TILE_TOKENS and tokens * info.intermediate_size * c
+                     > MLP_TILE_SHARE * resident else None)
 
     granule = ALLOCATION_GRANULE if cuda else 1
     if replay:
@@ -1604,10 +1675,10 @@ def _simulate(info: ModelInfo, s: dict[str, Any], replay: bool) -> Estimate:
             "weights_4bit": q.packed, "quant_constants": q.constants, "weights_16bit": c * sixteen_bit,
             "lora": sum(_granule(LORA_BYTES * n) for n in sizes), "optimizer": opt.device,
         }, granule=granule)
-    if cuda:  # cuBLAS's workspaces, from the first products of forward and backward on
+    sim = _StepSimulation(info, targets, shape, s, tl)
+    if cuda and not sim.graphs:  # cuBLAS's workspaces, from the first products of forward and backward on
         for _ in range(CUBLAS_WORKSPACE_BYTES // CUBLAS_WORKSPACE):
             tl.alloc(CUBLAS_WORKSPACE)
-    sim = _StepSimulation(info, targets, shape, s, tl)
     micro_batches = [False, True] if accumulating else [False]
     if not replay and accumulating and not sim.graphs:  # the second micro-batch only, its predecessor's gradients in place
         micro_batches = [True]
