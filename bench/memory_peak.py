@@ -83,6 +83,11 @@ def main() -> int:
     pool = graphs.pool_bytes() if graphs is not None else 0
     print(f"allocated before the recorded steps {start / 2**20:,.0f} MiB; peak {peak / 2**20:,.0f} MiB "
           f"(allocator's own figure {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB); graphs' pool {pool / 2**20:,.0f} MiB")
+    segments = [seg for seg in snapshot["segments"]
+                if graphs is not None and tuple(seg.get("segment_pool_id", (0, 0))) == tuple(graphs.pool)]
+    pool_segments = sorted((seg["total_size"] for seg in segments), reverse=True)
+    if pool_segments:
+        print("the pool's segments (MiB): " + ", ".join(f"{n / 2**20:.0f}" for n in pool_segments))
     print("alive at the peak, by where it was made (MiB):")
     for site, size in sites[:25]:
         print(f"{size / 2**20:10.1f}  {site}")
@@ -90,6 +95,7 @@ def main() -> int:
     write_result(f"memory_peak-{args.shape}{variant}", {
         "fast_paths": info.fast_paths, "settings": overrides, "start_bytes": start, "peak_bytes": peak,
         "allocator_peak_bytes": torch.cuda.max_memory_allocated(), "graph_pool_bytes": pool,
+        "graph_pool_segments": pool_segments,
         "alive_at_peak": [{"site": s, "bytes": n} for s, n in sites[:40]]})
     return 0
 

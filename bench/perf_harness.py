@@ -194,6 +194,8 @@ ENGINE_VARIANTS = {
     "engine-bnb-optimizer": {"fused_optimizer": False},   # bitsandbytes' per-parameter paged AdamW kernels
     "engine-eager": {"cuda_graphs": False},               # the layers launched from Python, not replayed as CUDA graphs
     "engine-loss-chunk-1024": {"loss_chunk_tokens": 1024},  # the chunked loss's earlier fixed chunk
+    "engine-loss-torch": {"loss_kernel": False},          # the chunked loss in PyTorch operations, not its Triton kernel
+    "engine-mlp-whole": {"mlp_tile_tokens": None},        # a split layer's MLP block on all tokens at once
     "engine-cupti": {"paging_counters": True},            # with the CUPTI paging counters collecting
     "engine-auto": {"auto": True},                        # the settings it picks by itself for the GPU
 }
@@ -215,6 +217,14 @@ def contender_engine(model_dir: Path, shape: str, steps: int, variant: str = "en
     cfg = run_config(model_dir, shape, **{k: v for k, v in settings.items() if k in ("gradient_checkpointing", "loss_impl")})
     cfg = C.replace(cfg, train={k: v for k, v in overrides.items() if k in _CONFIG_KEYS})
     settings.update({k: v for k, v in overrides.items() if k != "auto"})
+    if "loss_kernel" in overrides:
+        from qlora_studio.engine import losses
+
+        losses._kernel = lambda hidden: None
+    if "mlp_tile_tokens" in overrides:
+        from qlora_studio.engine import offload
+
+        offload.MLP_TILE_TOKENS = overrides["mlp_tile_tokens"]
     if "loss_chunk_tokens" in overrides:
         trainer.LOSS_CHUNK_TOKENS = overrides["loss_chunk_tokens"]
         trainer.LOSS_LOGITS_BYTES = 1 << 40
