@@ -224,7 +224,7 @@ def contender_engine(model_dir: Path, shape: str, steps: int, variant: str = "en
     if "mlp_tile_tokens" in overrides:
         from qlora_studio.engine import offload
 
-        offload.MLP_TILE_TOKENS = overrides["mlp_tile_tokens"]
+        offload.mlp_tile = lambda model, max_tokens: overrides["mlp_tile_tokens"]
     if "loss_chunk_tokens" in overrides:
         trainer.LOSS_CHUNK_TOKENS = overrides["loss_chunk_tokens"]
         trainer.LOSS_LOGITS_BYTES = 1 << 40

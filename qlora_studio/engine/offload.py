@@ -265,7 +265,8 @@ def use_offloaded_checkpointing(model, cuda_graphs: bool = False, max_tokens: in
         if not cuda_graphs:
             return None
         if context is None:
-            context = GraphContext(next(model.parameters()).device, max_tokens)
+            # The layers' device (the input embedding may sit in CPU memory: embeddings_on_cpu).
+            context = GraphContext(next(p.device for p in model.parameters() if p.is_cuda), max_tokens)
         return LayerGraphs(context, module)
 
     count = 0

@@ -83,3 +83,46 @@ def test_a_token_wise_block_in_ranges_gives_the_whole_blocks_output_and_gradient
     for p, e in zip((*up.parameters(), *down.parameters(), norm.weight), expected):
         torch.testing.assert_close(p.grad, e)
     assert _tiled_backward(block, x.clone(), g, tiles) is None  # an input that needs no gradient
+
+
+class _Param:
+    def __init__(self, nbytes: int, element_size: int = 2):
+        self.is_cuda, self._n, self._e = True, nbytes // element_size, element_size
+
+    def numel(self):
+        return self._n
+
+    def element_size(self):
+        return self._e
+
+
+class _Model:
+    """What offload.mlp_tile reads of a model: its intermediate size, its parameters on the GPU and
+    the compute dtype (that of the input embedding)."""
+
+    def __init__(self, intermediate: int, resident: int):
+        import types
+
+        self.config = types.SimpleNamespace(intermediate_size=intermediate)
+        self._params = [_Param(resident)]
+
+    def parameters(self):
+        return iter(self._params)
+
+    def get_input_embeddings(self):
+        import types
+
+        return types.SimpleNamespace(weight=_Param(2))
+
+
+def test_the_mlp_runs_in_ranges_only_where_its_intermediate_is_a_sizeable_share_of_the_memory():
+    from qlora_studio.engine.offload import MLP_TILE_TOKENS, mlp_tile
+
+    # the 1B benchmark shape: 4 × 1,024 tokens × 8,192 × 2 bytes = 67 MB against 1.07 GB of parameters
+    assert mlp_tile(_Model(8192, 1_070_000_000), 4096) == MLP_TILE_TOKENS
+    # the 8B one: 117 MB against 4.8 GB, whole
+    assert mlp_tile(_Model(14336, 4_800_000_000), 4096) is None
+    # ... but in ranges for long sequences (16,384 tokens: 470 MB)
+    assert mlp_tile(_Model(14336, 4_800_000_000), 16384) == MLP_TILE_TOKENS
+    assert mlp_tile(_Model(8192, 1_000), MLP_TILE_TOKENS) is None  # one range holds them all anyway
+    assert mlp_tile(_Model(8192, 1_000), None) is None
