@@ -13,9 +13,11 @@ tensor by tensor -- every allocation and release, in order -- and reports the la
   states (paged ones live in CUDA unified memory and are reported apart);
 * the engine's GPU-only paths (``engine/model.py::gpu_fast_paths``), for a CUDA estimate: layer
   inputs offloaded to CPU memory between forward and backward, Llama-style layers checkpointed as
-  their two blocks (``engine/offload.py``), the checkpointed passes replayed as CUDA graphs from a
-  memory pool of their own (``engine/layer_graphs.py``), an untied input embedding in CPU memory,
-  liger-kernel's fused RMSNorm, SwiGLU and RoPE where installed;
+  their two blocks (``engine/offload.py``), their MLP on a range of tokens at a time where that
+  saves a sizeable share, the checkpointed passes replayed as CUDA graphs from a memory pool of
+  their own (``engine/layer_graphs.py``), which the loss's temporaries and cuBLAS's workspaces
+  share, the loss's Triton kernel (``engine/ce_kernel.py``) where Triton is installed, an untied
+  input embedding in CPU memory, liger-kernel's fused RMSNorm, SwiGLU and RoPE where installed;
 * PyTorch's CUDA caching allocator, replayed over the same allocations, for the reserved memory
   (what fragmentation adds), and the CUDA context that NVML sees besides.
 
@@ -1661,8 +1663,10 @@ def _simulate(info: ModelInfo, s: dict[str, Any], replay: bool) -> Estimate:
     # of the parameters on the GPU (4-bit packed, 16-bit, the adapters)
     resident = q.packed + c * sixteen_bit + LORA_BYTES * sum(sizes)
     tokens = shape.tokens
-    s["mlp_tile"] = (MLP_TILE_TOKENS if tokens > MLP_TILE_TOKENS and tokens * info.intermediate_size * c
-                     > MLP_TILE_SHARE * resident else None)
+    split = (cuda and s["gradient_checkpointing"] and s["offload_checkpoints"]
+             and info.model_type in SPLIT_LAYER_TYPES and info.norms_per_layer == 2)
+    s["mlp_tile"] = (MLP_TILE_TOKENS if split and tokens > MLP_TILE_TOKENS
+                     and tokens * info.intermediate_size * c > MLP_TILE_SHARE * resident else None)
 
     granule = ALLOCATION_GRANULE if cuda else 1
     if replay:
@@ -1987,12 +1991,16 @@ def gpu_paths(s: dict[str, Any]) -> list[str]:
     paths = []
     if s.get("offload_checkpoints") and s["gradient_checkpointing"]:
         paths.append("checkpointed layer inputs in CPU memory")
+        if s.get("mlp_tile"):
+            paths.append(f"the MLP on {s['mlp_tile']:,} tokens at a time")
         if s.get("cuda_graphs"):
             paths.append("checkpointed layers replayed as CUDA graphs")
     if s.get("embeddings_on_cpu"):
         paths.append("input embedding in CPU memory")
     if s.get("fused_kernels"):
         paths.append("liger-kernel's RMSNorm, SwiGLU and RoPE")
+    if s.get("loss_kernel") and s.get("loss_impl") == "chunked":
+        paths.append("the loss's Triton kernel")
     return paths
 
 

@@ -225,3 +225,22 @@ def test_fused_kernels_by_model_type():
         present, absent = point(config, liger=True), point(config, liger=False)
         assert present.settings["fused_kernels"] is fused, model_type
         assert (present.allocated < absent.allocated) is fused, model_type
+
+
+def test_the_mlp_in_token_ranges_and_the_loss_kernel_are_named_where_they_apply(monkeypatch):
+    # The 8B shape at 2 × 2,048 tokens keeps its MLP whole; at 8 × 2,048 its intermediate (470 MB)
+    # is over 1/20 of the parameters' memory, and the MLP runs on 2,048 tokens at a time.
+    assert point().settings["mlp_tile"] is None
+    long = point(micro_batch_size=8)
+    assert long.settings["mlp_tile"] == E.MLP_TILE_TOKENS
+    assert "the MLP on 2,048 tokens at a time" in E.format_report(long, "llama-8b")
+    # each range's intermediates instead of the micro-batch's: less than without the ranges
+    monkeypatch.setattr(E, "MLP_TILE_SHARE", float("inf"))
+    whole = point(micro_batch_size=8)
+    assert whole.settings["mlp_tile"] is None and whole.allocated > long.allocated
+    assert point(micro_batch_size=8, offload_checkpoints=False).settings["mlp_tile"] is None  # split layers only
+    monkeypatch.setattr(E, "triton_installed", lambda: True)
+    with_kernel = point()
+    assert "the loss's Triton kernel" in E.format_report(with_kernel, "llama-8b")
+    monkeypatch.setattr(E, "triton_installed", lambda: False)
+    assert "Triton" not in E.format_report(point(), "llama-8b")
