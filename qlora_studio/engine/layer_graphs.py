@@ -28,7 +28,12 @@ What it needs and how it stays safe:
   layers, since the layers run one after another (:class:`_Buffers`); the input and gradient
   buffers of every shape are views of one storage. Inputs are copied in; a graph writes its result
   over its input at the end, and the caller takes a copy.
-* all graphs draw their temporaries from one memory pool; no temporary outlives its graph.
+* all graphs draw their temporaries from one memory pool; no temporary outlives its graph. So do
+  cuBLAS's workspaces (:func:`_workspaces_in_pool`) and, between the forward and the backward
+  replays, the chunked loss (:meth:`GraphContext.scratch`), whose temporaries are gone before the
+  next replay.
+* a pass given token ranges (the MLP block, offload.mlp_tile) records them one after another in
+  its graph: each range's temporaries go before the next range's.
 * each adapter weight gets a gradient buffer of its own for good; a replay adds into it and it is
   attached as ``.grad`` before the replay (``zero_grad(set_to_none=True)`` detaches it).
 * a layer that cannot be recorded (a host synchronisation, an output that is not one tensor like
