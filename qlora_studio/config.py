@@ -166,7 +166,8 @@ class TrainConfig:
     #: compute each 4-bit linear layer and its adapter in one fused function (engine/lora_kernels.py)
     fused_lora: bool = True
     #: on a GPU, gradient checkpointing keeps each layer's input in pinned CPU memory instead of on
-    #: the card (engine/offload.py); the same arithmetic, copies overlap with compute
+    #: the card (engine/offload.py); the same arithmetic, copies overlap with compute. A Llama-style
+    #: layer's MLP then runs on 2,048 tokens at a time where its intermediate is large (offload.mlp_tile)
     offload_checkpoints: bool = True
     #: on a GPU, an untied input embedding stays in pinned CPU memory and only the rows a step
     #: uses are copied over (1 GiB less on an 8B model); exact

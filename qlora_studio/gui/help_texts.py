@@ -95,7 +95,8 @@ TIPS: dict[str, str] = {
     ),
     "train.offload_checkpoints": (
         "On a GPU, the layer inputs that checkpointing keeps wait in CPU memory and come back for the "
-        "backward pass: less GPU memory (1 GiB on an 8B model), the same results."
+        "backward pass: less GPU memory (1 GiB on an 8B model), the same results. Where a micro-batch's "
+        "MLP would take a large share of the memory, it also runs on 2,048 tokens at a time."
     ),
     "train.embeddings_on_cpu": (
         "On a GPU, an input embedding that is not shared with the output head stays in CPU memory; only "
