@@ -47,10 +47,11 @@ def _keep_pace(done: torch.cuda.Event) -> None:
 def settle() -> None:
     """Wait for the passes still queued (their inputs' copies to CPU memory included).
 
-    Their inputs are then free before what comes next allocates: the trainer calls this between
-    the last layer's forward pass and the loss, whose chunks would otherwise come on top of up to
+    Their inputs are then free before what comes next allocates: a hook calls this before the
+    decoder's final norm (:func:`use_offloaded_checkpointing`), and the trainer before the loss for
+    decoders without one, whose temporaries would otherwise come on top of up to
     :data:`LAYERS_AHEAD` inputs still waiting for their copy. The GPU is only briefly idle: the
-    host queues the loss's first kernels right after.
+    host queues the next kernels right after.
     """
     while _queued:
         _queued.popleft().synchronize()
@@ -116,7 +117,7 @@ class _Saved:
 def token_tiles(hidden: torch.Tensor, tile: int | None) -> list[slice] | None:
     """Ranges of at most ``tile`` of ``hidden``'s tokens (its rows once all but the last dimension
     are flattened), of equal size but the last; None when one range holds them all."""
-    tokens = hidden.numel() // hidden.shape[-1] if hidden.dim() else 0
+    tokens = hidden.numel() // hidden.shape[-1]
     if not tile or tokens <= tile:
         return None
     size = -(-tokens // -(-tokens // tile))

@@ -165,7 +165,8 @@ def loss_sum(model, batch: dict[str, torch.Tensor], impl: str = "standard", keep
         head = base.get_output_embeddings()
         if head is not None and not getattr(base.config, "final_logit_softcapping", None):
             hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-            offload.settle()  # the last layers' inputs, still waiting for their copy to CPU memory, go first
+            offload.settle()  # the last layers' inputs, waiting for their copy to CPU memory, go first (a no-op
+            # where the final norm's hook did so)
             h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
             del hidden  # the final norm keeps its input, not its output
             y = labels.reshape(-1)
