@@ -180,6 +180,12 @@ class GraphContext:
         segments = torch.cuda.memory._snapshot(self.device)["segments"]
         return sum(s["total_size"] for s in segments if tuple(s.get("segment_pool_id", (0, 0))) == tuple(self.pool))
 
+    def scratch_in_pool(self) -> bool:
+        """Whether :meth:`scratch` allocates in the pool now (graphs recorded and on, and this
+        PyTorch able to route allocations to a pool)."""
+        return (self.disabled is None and self.graphs > 0
+                and hasattr(torch._C, "_cuda_beginAllocateCurrentThreadToPool"))
+
     @contextlib.contextmanager
     def scratch(self):
         """Allocate in the graphs' pool, on the capture stream, between replays.
@@ -190,10 +196,10 @@ class GraphContext:
         addresses without asking the allocator; results are allocated before entering. A no-op
         until something is recorded, or with the graphs off.
         """
-        begin = getattr(torch._C, "_cuda_beginAllocateCurrentThreadToPool", None)
-        if self.disabled is not None or not self.graphs or begin is None:
+        if not self.scratch_in_pool():
             yield
             return
+        begin = torch._C._cuda_beginAllocateCurrentThreadToPool
         index = self.device.index if self.device.index is not None else torch.cuda.current_device()
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
