@@ -4,8 +4,9 @@
 
 Runs three warm-up steps of the engine (the CUDA graphs are recorded in them), then records the
 caching allocator's history (``torch.cuda.memory._record_memory_history``) over ``--steps`` more,
-replays it to find the moment the allocated bytes peak, and lists the allocations alive then,
-grouped by the innermost line of this project (and the innermost line overall) that made them.
+replays it to find the moment the allocated bytes peak outside the CUDA graphs' pool, and lists the
+allocations alive then, grouped by the innermost line of this project (and the innermost line
+overall) that made them.
 The CUDA graphs' pool, which replays use without allocating, is reported beside the peak: the
 memory in use at once is their sum. Writes bench/results/memory_peak-<shape>-<date>-<commit>.json.
 """
@@ -33,13 +34,18 @@ def _where(frames: list[dict]) -> str:
     return fmt(own) if own is inner else f"{fmt(own)} <- {fmt(inner)}"
 
 
-def peak_breakdown(trace: list[dict], start_bytes: int) -> tuple[int, list[tuple[str, int]]]:
-    """The peak of allocated bytes over ``trace`` (starting from ``start_bytes``) and what was alive then."""
+def peak_breakdown(trace: list[dict], start_bytes: int,
+                   pool: list[tuple[int, int]] = ()) -> tuple[int, list[tuple[str, int]]]:
+    """The peak of allocated bytes over ``trace`` (starting from ``start_bytes``) and what was alive
+    then, leaving out allocations inside ``pool`` (address ranges of the CUDA graphs' pool, which
+    is counted whole beside the peak: the chunked loss allocates its temporaries there)."""
     alive: dict[int, tuple[int, str]] = {}
     now = peak = start_bytes
     at_peak: dict[int, tuple[int, str]] = {}
     for event in trace:
         action = event["action"]
+        if any(lo <= event.get("addr", -1) < hi for lo, hi in pool):
+            continue
         if action == "alloc":
             alive[event["addr"]] = (event["size"], _where(event.get("frames", [])))
             now += event["size"]
@@ -78,13 +84,13 @@ def main() -> int:
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     trace = snapshot["device_traces"][device.index or 0]
-    peak, sites = peak_breakdown(trace, start)
     graphs = getattr(model, "layer_graphs", None)
+    segments = [seg for seg in snapshot["segments"]
+                if graphs is not None and tuple(seg.get("segment_pool_id", (0, 0))) == tuple(graphs.pool)]
+    peak, sites = peak_breakdown(trace, start, [(seg["address"], seg["address"] + seg["total_size"]) for seg in segments])
     pool = graphs.pool_bytes() if graphs is not None else 0
     print(f"allocated before the recorded steps {start / 2**20:,.0f} MiB; peak {peak / 2**20:,.0f} MiB "
           f"(allocator's own figure {torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB); graphs' pool {pool / 2**20:,.0f} MiB")
-    segments = [seg for seg in snapshot["segments"]
-                if graphs is not None and tuple(seg.get("segment_pool_id", (0, 0))) == tuple(graphs.pool)]
     pool_segments = sorted((seg["total_size"] for seg in segments), reverse=True)
     if pool_segments:
         print("the pool's segments (MiB): " + ", ".join(f"{n / 2**20:.0f}" for n in pool_segments))

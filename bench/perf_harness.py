@@ -247,9 +247,7 @@ def contender_engine(model_dir: Path, shape: str, steps: int, variant: str = "en
         return loss
 
     graphs = getattr(model, "layer_graphs", None)
-    # The graphs' pool is reserved memory that replays use without allocating: counted on top.
-    pool = (lambda: graphs.pool_bytes()) if graphs is not None else None
-    result = _time_steps(step, shape, steps, pool)
+    result = _time_steps(step, shape, steps, graphs)
     if graphs is not None:
         settings["cuda_graphs"] = graphs.disabled or f"{graphs.graphs} recorded, pool {graphs.pool_bytes() / 1e9:.2f} GB"
     return result, settings
@@ -289,35 +287,39 @@ def _hf_step(model, params, opt, device):
     return step
 
 
-def _time_steps(step, shape: str, steps: int, pool_bytes=None):
+def _time_steps(step, shape: str, steps: int, graphs=None):
     """Losses and step times; on a GPU also sets PEAK["allocated"]: the most memory in use at once.
 
-    With CUDA graphs (``pool_bytes``: the bytes their pool holds) a replay uses its pool without
+    With CUDA graphs (``graphs``: the model's GraphContext) a replay uses their pool without
     allocating, so the peak of the steps after the warm-up, when every graph is recorded, is the
-    allocator's peak plus the pool.
+    allocator's peak outside the pool plus the pool (_peak.PeakMemory).
     """
     import torch
 
     cuda = torch.cuda.is_available()
     losses, times = [], []
+    peak = None
     if cuda:
+        from _peak import PeakMemory
+
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        peak = PeakMemory(graphs)
+        peak.reset()
     warm_peak = warm_reserved = 0
     for i, b in enumerate(batches(shape, steps)):
-        if cuda and i == WARMUP:
-            warm_peak, warm_reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
-            torch.cuda.reset_peak_memory_stats()
+        if peak is not None and i == WARMUP:
+            # While recording, the graphs' temporaries are allocations: no pool on top.
+            warm_peak, warm_reserved = peak.allocated(pool=False), peak.reserved()
+            peak.reset()
         t0 = time.perf_counter()
         loss = step(b)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
-    if cuda:
-        later = torch.cuda.max_memory_allocated() + (pool_bytes() if pool_bytes is not None else 0)
-        PEAK["allocated"] = max(warm_peak, later)
-        PEAK["reserved"] = max(warm_reserved, torch.cuda.max_memory_reserved())
+    if peak is not None:
+        PEAK["allocated"] = max(warm_peak, peak.allocated())
+        PEAK["reserved"] = max(warm_reserved, peak.reserved())
     return losses, times
 
 

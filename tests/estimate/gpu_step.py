@@ -5,7 +5,7 @@
 Loads the model of the run configuration (a dict, as ``config.from_dict`` takes it; micro-batch 4 ×
 1024 tokens in the test) as the engine's worker does, runs five optimizer steps of random tokens
 and prints one JSON line: the peak bytes in use (allocated, and with CUDA graphs their pool, which
-replays use without allocating) and the GPU paths in use. A fresh
+replays use without allocating, counted once: bench/_peak.py) and the GPU paths in use. A fresh
 process per case, as every training run has its own worker: what an earlier case left behind in
 the process (cached kernels, workspaces, backend choices) cannot change what this one measures.
 """
@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 
 def main() -> None:
     import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from _peak import PeakMemory
 
     from qlora_studio import config as C
     from qlora_studio.engine.model import attach_lora, gpu_fast_paths, load_base
@@ -32,7 +36,8 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(cfg, params)
     scheduler = build_scheduler(cfg, optimizer, 3)
-    torch.cuda.reset_peak_memory_stats()
+    peak = PeakMemory(getattr(model, "layer_graphs", None))
+    peak.reset()
     generator = torch.Generator().manual_seed(0)
     peaks = []
     for step in range(5):
@@ -41,10 +46,9 @@ def main() -> None:
                    params, optimizer, scheduler, cfg, device)
         torch.cuda.synchronize()
         if step == 2:  # the CUDA graphs are recorded by now: from here on, replays use their pool
-            peaks.append(torch.cuda.max_memory_allocated())
-            torch.cuda.reset_peak_memory_stats()
-    graphs = getattr(model, "layer_graphs", None)
-    peaks.append(torch.cuda.max_memory_allocated() + (graphs.pool_bytes() if graphs is not None else 0))
+            peaks.append(peak.allocated(pool=False))
+            peak.reset()
+    peaks.append(peak.allocated())  # outside the pool, plus the pool
     print(json.dumps({"allocated": max(peaks), "paths": paths}))
 
 
