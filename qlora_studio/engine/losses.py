@@ -15,8 +15,11 @@ compute-dtype logits in place (ce_kernel.py): no fp32 copy of the chunk, the sam
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
+
+log = logging.getLogger(__name__)
 
 CHUNK_TOKENS = 1024
 
@@ -46,11 +49,18 @@ def _chunks(hidden, weight, targets, chunk: int, rows, total: torch.Tensor, grad
         y = targets[start : start + chunk]
         if rows is not None:
             logits = h @ weight.t()
-            total += rows(logits, y, grad_hidden is not None).sum()
-            if grad_hidden is not None:  # the kernel wrote d(loss)/d(logits) over the logits
-                torch.mm(logits, weight, out=grad_hidden[start : start + chunk])
+            try:
+                chunk_rows = rows(logits, y, grad_hidden is not None)
+            except Exception as exc:  # noqa: BLE001 - a Triton that cannot build the kernel here (it fails before running)
+                _kernel_failed(exc)
+                rows = None
+            else:
+                total += chunk_rows.sum()
+                if grad_hidden is not None:  # the kernel wrote d(loss)/d(logits) over the logits
+                    torch.mm(logits, weight, out=grad_hidden[start : start + chunk])
+                del logits, chunk_rows
+                continue
             del logits
-            continue
         logits = (h @ weight.t()).float()
         # log-sum-exp as max + log(sum(exp(logits - max))), with the exponentials written over
         # the logits: one chunk-sized fp32 buffer, no temporary beside it.
@@ -68,9 +78,21 @@ def _chunks(hidden, weight, targets, chunk: int, rows, total: torch.Tensor, grad
         del logits, exp  # one chunk's logits alive at a time
 
 
+_KERNEL_OFF: list[str] = []  # why the kernel failed, once it has: the PyTorch operations from then on
+
+
+def _kernel_failed(exc: BaseException) -> None:
+    from .model import first_line
+
+    _KERNEL_OFF.append(f"{type(exc).__name__}: {first_line(exc)}")
+    log.warning("the chunked loss's Triton kernel failed (%s); the loss runs as PyTorch operations "
+                "from now on (the same results, a little more memory)", _KERNEL_OFF[0])
+
+
 def _kernel(hidden: torch.Tensor):
-    """ce_kernel.cross_entropy_rows where it runs (a CUDA tensor, Triton on a Turing or newer GPU), else None."""
-    if not hidden.is_cuda or torch.cuda.get_device_capability(hidden.device) < (7, 5):
+    """ce_kernel.cross_entropy_rows where it runs (a CUDA tensor, Triton on a Turing or newer GPU,
+    and it has not failed before), else None."""
+    if _KERNEL_OFF or not hidden.is_cuda or torch.cuda.get_device_capability(hidden.device) < (7, 5):
         return None
     try:
         from .ce_kernel import cross_entropy_rows

@@ -278,3 +278,27 @@ def test_step_events_thin_out_on_long_runs():
     assert auto[:1000] == list(range(1, 1001))
     assert 3_000 < len(auto) < 4_500  # 20,000 steps: a few thousand events, not 20,000
     assert len([s for s in range(1, 1_000_001) if logs_step(s, 0)]) < 9_000
+
+
+def test_a_loss_kernel_that_fails_to_build_leaves_the_pytorch_operations_with_a_warning(monkeypatch, caplog):
+    from qlora_studio.engine import losses
+
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 64, requires_grad=True)
+    weight = torch.randn(300, 64)
+    targets = torch.randint(0, 300, (37,))
+    expected = losses.frozen_head_cross_entropy(hidden, weight, targets, chunk=8)
+    (expected_grad,) = torch.autograd.grad(expected, hidden)
+
+    def broken(logits, y, grad):
+        raise RuntimeError("the kernel could not be compiled\ndetails")
+
+    monkeypatch.setattr(losses, "_KERNEL_OFF", [])
+    real = losses._kernel
+    monkeypatch.setattr(losses, "_kernel", lambda h: broken if not losses._KERNEL_OFF else real(h))
+    with caplog.at_level("WARNING", logger="qlora_studio.engine.losses"):
+        loss = losses.frozen_head_cross_entropy(hidden, weight, targets, chunk=8)
+        (grad,) = torch.autograd.grad(loss, hidden)
+    assert torch.equal(loss, expected) and torch.equal(grad, expected_grad)
+    assert losses._KERNEL_OFF == ["RuntimeError: the kernel could not be compiled"]
+    assert "runs as PyTorch operations" in caplog.text
