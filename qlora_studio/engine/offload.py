@@ -233,7 +233,8 @@ def mlp_tile(model, max_tokens: int | None) -> int | None:
     if not max_tokens or not isinstance(width, int) or max_tokens <= MLP_TILE_TOKENS:
         return None
     resident = sum(p.numel() * p.element_size() for p in model.parameters() if p.is_cuda)
-    dtype_bytes = model.get_input_embeddings().weight.element_size()  # kept in the compute dtype
+    embedding = getattr(model.get_input_embeddings(), "weight", None)  # kept in the compute dtype
+    dtype_bytes = embedding.element_size() if embedding is not None else 2
     return MLP_TILE_TOKENS if max_tokens * width * dtype_bytes > MLP_TILE_SHARE * resident else None
 
 
