@@ -50,6 +50,8 @@ from typing import Any
 
 import torch
 
+from .offload import tiled_forward
+
 log = logging.getLogger(__name__)
 
 #: input shapes recorded per model; batches of other shapes run eagerly
@@ -347,13 +349,7 @@ class LayerGraphs:
     def _capture_forward(self, fn, buffers: _Buffers, tiles: list[slice] | None) -> torch.cuda.CUDAGraph:
         def step():
             with torch.no_grad():
-                if tiles is None:
-                    return fn(buffers.hidden)
-                flat = _tokens(buffers.hidden)
-                out = torch.empty_like(flat)
-                for part in tiles:
-                    out[part] = fn(flat[part])
-                return out.view(buffers.hidden.shape)
+                return fn(buffers.hidden) if tiles is None else tiled_forward(fn, buffers.hidden, tiles)
 
         out = self._warm_up(step)
         if not isinstance(out, torch.Tensor) or out.shape != buffers.hidden.shape or out.dtype != buffers.hidden.dtype:

@@ -124,7 +124,8 @@ def token_tiles(hidden: torch.Tensor, tile: int | None) -> list[slice] | None:
     return [slice(start, min(start + size, tokens)) for start in range(0, tokens, size)]
 
 
-def _tiled_forward(run, hidden: torch.Tensor, tiles: list[slice]) -> torch.Tensor:
+def tiled_forward(run, hidden: torch.Tensor, tiles: list[slice]) -> torch.Tensor:
+    """``run`` on each range of ``hidden``'s tokens (token_tiles), into one output shaped like ``hidden``."""
     flat = hidden.reshape(-1, hidden.shape[-1])
     out = torch.empty_like(flat)
     for part in tiles:
@@ -160,7 +161,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             if out is not None:
                 return out
         with torch.no_grad():
-            return run(hidden, *rest) if ctx.tiles is None else _tiled_forward(run, hidden, ctx.tiles)
+            return run(hidden, *rest) if ctx.tiles is None else tiled_forward(run, hidden, ctx.tiles)
 
     @staticmethod
     def backward(ctx, *grads):

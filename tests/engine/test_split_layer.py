@@ -55,7 +55,7 @@ def test_token_tiles_cover_every_token_once_in_near_equal_ranges():
 def test_a_token_wise_block_in_ranges_gives_the_whole_blocks_output_and_gradients():
     """offload's tiled passes (what the MLP block runs on a GPU): forward under no_grad, then each
     range recomputed and differentiated; the same output and gradients as the whole block."""
-    from qlora_studio.engine.offload import _tiled_backward, _tiled_forward, token_tiles
+    from qlora_studio.engine.offload import _tiled_backward, tiled_forward, token_tiles
 
     torch.manual_seed(0)
     norm = torch.nn.RMSNorm(64)
@@ -71,7 +71,7 @@ def test_a_token_wise_block_in_ranges_gives_the_whole_blocks_output_and_gradient
     tiles = token_tiles(x, 64)
     assert len(tiles) == 3
     with torch.no_grad():
-        torch.testing.assert_close(_tiled_forward(block, x, tiles), block(x))
+        torch.testing.assert_close(tiled_forward(block, x, tiles), block(x))
 
     whole = x.clone().requires_grad_()
     block(whole).backward(g)
