@@ -23,6 +23,31 @@ import perf_harness as H
 from _results import write_result
 
 
+KERNEL_CLASSES = [  # (class, substrings of a kernel's name), first match wins
+    ("dequantize", ("kDequantize", "dequant")),
+    ("attention", ("flash", "fmha", "attention", "cudnn")),
+    ("loss kernel", ("_rows", "cross_entropy")),
+    ("liger", ("_rms_norm", "_swiglu", "_rope", "silu_mul", "liger")),
+    ("optimizer", ("kOptimizer", "adam", "Optimizer")),
+    ("matrix products", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "splitK", "sm90", "sm80")),
+    ("copies", ("Memcpy", "Memset", "copy")),
+]
+
+
+def kernel_classes(events) -> dict[str, float]:
+    """GPU kernel milliseconds grouped by KERNEL_CLASSES (the rest: "other")."""
+    from torch.autograd import DeviceType
+
+    out: dict[str, float] = {}
+    for e in events:
+        if e.device_type != DeviceType.CUDA:
+            continue
+        name = e.name
+        cls = next((c for c, keys in KERNEL_CLASSES if any(k.lower() in name.lower() for k in keys)), "other")
+        out[cls] = out.get(cls, 0.0) + e.time_range.elapsed_us() / 1000
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=H.SHAPES, default="1b")
@@ -78,6 +103,9 @@ def main() -> int:
     by_cpu = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
     print(f"{args.steps} steps in {wall * 1000:.0f} ms wall; GPU kernels {gpu_us / 1000:.0f} ms "
           f"({100 * gpu_us / 1e6 / wall:.0f}% busy, profiler overhead included)")
+    kernels = kernel_classes(prof.events())
+    print("GPU kernel time by class (ms over the profiled steps): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kernels.items(), key=lambda kv: -kv[1])))
     rows = []
     print(f"{'operator':60s} {'GPU ms':>9s} {'CPU ms':>9s} {'calls':>7s}")
     for e in by_gpu:
@@ -88,7 +116,7 @@ def main() -> int:
         print(f"{e.key[:60]:60s} {e.self_device_time_total / 1000:9.1f} {e.self_cpu_time_total / 1000:9.1f} {e.count:7d}")
     variant = "".join(f"-{k}-{str(v).lower()}" for k, v in overrides.items()) + ("-gc-off" if args.gc_off else "")
     write_result(f"profile-{args.shape}{variant}", {"wall_ms": wall * 1000, "gpu_ms": gpu_us / 1000, "steps": args.steps,
-                                            "top_gpu": rows, "phases": phases, "settings": overrides, "gc_off": args.gc_off,
+                                            "top_gpu": rows, "kernel_classes_ms": kernels, "phases": phases, "settings": overrides, "gc_off": args.gc_off,
                                             "fast_paths": info.fast_paths})
     return 0
 
