@@ -541,8 +541,11 @@ class _StepSimulation:
     # --- the 4-bit linear layer with its LoRA adapter ----------------------------------------
 
     def _dequantized_weight(self, lin: Linear) -> int:
-        """bitsandbytes rebuilds the whole weight in the compute dtype, and its absmax in fp32."""
-        return self.tl.alloc(self.c * lin.params + 4 * _ceil_div(lin.params, QUANT_BLOCK))
+        """The whole weight rebuilt in the compute dtype. bitsandbytes first rebuilds a
+        double-quantized absmax in fp32; the fused layer's NF4 kernel (nf4_kernel.py) does not."""
+        kernel = self.fused and self.s.get("nf4_kernel")
+        scales = 4 * _ceil_div(lin.params, QUANT_BLOCK) if self.s.get("double_quant") and not kernel else 0
+        return self.tl.alloc(self.c * lin.params + scales)
 
     def _dropout(self, width: int, elem: int, input_grad: bool) -> tuple[int, int | None]:
         """The adapter's dropout: (output, mask kept for backward or None)."""
@@ -1617,6 +1620,8 @@ def _settings(run: RunConfig, seq: int | None = None, batch: int | None = None, 
         "fused_optimizer": bool(getattr(t, "fused_optimizer", False)),
         # the chunked loss's Triton kernel (losses.py), where Triton is installed
         "loss_kernel": cuda and triton_installed(),
+        # the fused LoRA layer's NF4 dequantization kernel (lora_kernels.py), likewise
+        "nf4_kernel": cuda and triton_installed() and run.quant.quant_type == "nf4",
         # with offloaded checkpoints only: the simulation checks
         "cuda_graphs": cuda and bool(getattr(t, "cuda_graphs", False)),
         "padded": False,
@@ -2001,6 +2006,8 @@ def gpu_paths(s: dict[str, Any]) -> list[str]:
         paths.append("liger-kernel's RMSNorm, SwiGLU and RoPE")
     if s.get("loss_kernel") and s.get("loss_impl") == "chunked":
         paths.append("the loss's Triton kernel")
+    if s.get("nf4_kernel") and s.get("fused_lora"):
+        paths.append("the NF4 dequantization's Triton kernel")
     return paths
 
 

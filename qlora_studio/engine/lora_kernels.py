@@ -12,22 +12,58 @@ on the 1B shape).
     backward  dx = g W + scale (g B) A                   W dequantized again, as bitsandbytes does
               dA = scale (g B)^T x_d,  dB = scale g^T (x_d A^T)
 
-with ``x_d`` the dropped-out input of the adapter (``x`` itself without dropout). It keeps only
+with ``x_d`` the dropped-out input of the adapter (``x`` itself without dropout). On a GPU the
+weight is dequantized by nf4_kernel.py (bitsandbytes' values, in one pass), elsewhere by bitsandbytes. It keeps only
 the inputs and the rank-r product ``x_d A^T``. The adapter's weights stay in fp32 (the optimizer's
 master copy); their gradients are accumulated in fp32 from compute-dtype products.
 """
 
 from __future__ import annotations
 
+import logging
 import types
 
 import torch
 
+log = logging.getLogger(__name__)
+
 
 def _dequantize(weight) -> torch.Tensor:
+    """The frozen weight in its compute dtype: nf4_kernel's one-pass kernel on a GPU that runs it,
+    else bitsandbytes' (the same values)."""
+    state = weight.quant_state
+    kernel = _nf4_kernel(weight.data, state)
+    if kernel is not None:
+        try:
+            return kernel(weight.data, state)
+        except Exception as exc:  # noqa: BLE001 - a Triton that cannot build the kernel here (it fails before running)
+            _kernel_failed(exc)
     import bitsandbytes.functional as bnbF
 
-    return bnbF.dequantize_4bit(weight.data, weight.quant_state)
+    return bnbF.dequantize_4bit(weight.data, state)
+
+
+_KERNEL_OFF: list[str] = []  # why the kernel failed, once it has: bitsandbytes' dequantization from then on
+
+
+def _kernel_failed(exc: BaseException) -> None:
+    from .model import first_line
+
+    _KERNEL_OFF.append(f"{type(exc).__name__}: {first_line(exc)}")
+    log.warning("the NF4 dequantization kernel failed (%s); bitsandbytes dequantizes the weights from now on "
+                "(the same values, a little slower)", _KERNEL_OFF[0])
+
+
+def _nf4_kernel(data: torch.Tensor, state):
+    """nf4_kernel.dequantize_nf4 where it runs (a CUDA weight it supports, Triton on a Turing or newer
+    GPU, and it has not failed before), else None."""
+    if _KERNEL_OFF or not data.is_cuda or torch.cuda.get_device_capability(data.device) < (7, 5):
+        return None
+    try:
+        from . import nf4_kernel
+    except ImportError:
+        return None
+    return nf4_kernel.dequantize_nf4 if nf4_kernel.supported(data, state) else None
 
 
 class LoRA4bitFunction(torch.autograd.Function):

@@ -112,3 +112,34 @@ def test_loss_kernel_without_gradient_leaves_the_logits_alone():
     assert torch.equal(logits, before)
     torch.testing.assert_close(rows, torch.nn.functional.cross_entropy(
         before.float(), torch.tensor([0, 8999, 17], device="cuda"), reduction="none"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("nested", [True, False])
+def test_nf4_kernel_gives_bitsandbytes_values_bit_for_bit(dtype, nested):
+    pytest.importorskip("triton", reason="Triton is not installed")
+    import bitsandbytes.functional as bnbF
+
+    from qlora_studio.engine import lora_kernels, nf4_kernel
+
+    torch.manual_seed(0)
+    # an 8B MLP weight, and a shape whose last program is partly outside the weight
+    for shape in [(14336, 4096), (320, 192)]:
+        w = torch.randn(*shape, device="cuda", dtype=dtype) * 0.02
+        packed, state = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
+        assert nf4_kernel.supported(packed, state)
+        assert torch.equal(nf4_kernel.dequantize_nf4(packed, state), bnbF.dequantize_4bit(packed, state)), shape
+        weight = torch.nn.Parameter(packed, requires_grad=False)
+        weight.quant_state = state
+        assert lora_kernels._nf4_kernel(packed, state) is nf4_kernel.dequantize_nf4
+        assert torch.equal(lora_kernels._dequantize(weight), bnbF.dequantize_4bit(packed, state))
+
+
+def test_nf4_kernel_leaves_fp4_to_bitsandbytes():
+    pytest.importorskip("triton", reason="Triton is not installed")
+    import bitsandbytes.functional as bnbF
+
+    from qlora_studio.engine import lora_kernels, nf4_kernel
+
+    packed, state = bnbF.quantize_4bit(torch.randn(128, 256, device="cuda", dtype=torch.bfloat16), quant_type="fp4")
+    assert not nf4_kernel.supported(packed, state) and lora_kernels._nf4_kernel(packed, state) is None

@@ -16,11 +16,11 @@ OFF = {"offload_checkpoints": False, "embeddings_on_cpu": False, "fused_kernels"
 LOADED = ("weights_4bit", "quant_constants", "weights_16bit", "lora", "optimizer", "gradients")
 
 
-def point(model=LLAMA_8B, *, layers=None, seq=2048, liger=True, device="cuda", **train):
+def point(model=LLAMA_8B, *, layers=None, seq=2048, liger=True, device="cuda", quant_type="nf4", **train):
     train = {"micro_batch_size": 2, "grad_accum_steps": 1, **train}
     if layers is not None:
         model = {**model, "num_hidden_layers": layers}
-    run = run_config(train=train, data={"max_seq_len": seq}, lora={"r": 16})
+    run = run_config(train=train, data={"max_seq_len": seq}, lora={"r": 16}, quant={"quant_type": quant_type})
     return E.estimate(model, run, suggest=False, liger=liger, device=device)
 
 
@@ -49,12 +49,28 @@ def test_each_can_be_turned_off():
         assert not off.settings[key] and off.allocated > on.allocated, key
 
 
-def test_gpu_paths_are_named_in_the_report():
+def test_gpu_paths_are_named_in_the_report(monkeypatch):
     report = E.format_report(point(), "llama-8b")
     assert ("GPU paths checkpointed layer inputs in CPU memory, checkpointed layers replayed as CUDA graphs, "
             "input embedding in CPU memory, liger-kernel's") in report
     assert "pinned CPU memory instead" in report
+    monkeypatch.setattr(E, "triton_installed", lambda: False)
     assert "GPU paths" not in E.format_report(point(**OFF), "llama-8b")
+
+
+def test_the_nf4_kernel_counts_no_fp32_scales(monkeypatch):
+    # bitsandbytes rebuilds a double-quantized weight's absmax in fp32 before the weight;
+    # nf4_kernel.py does not. FP4 weights (bitsandbytes' path) are as large as NF4 ones.
+    monkeypatch.setattr(E, "triton_installed", lambda: True)
+    for train in ({}, {"offload_checkpoints": False}, {"gradient_checkpointing": False}):
+        nf4 = point(**train)
+        fp4 = point(quant_type="fp4", **train)
+        assert nf4.settings["nf4_kernel"] and not fp4.settings["nf4_kernel"]
+        assert nf4.allocated < fp4.allocated, train
+    assert "the NF4 dequantization's Triton kernel" in E.format_report(point(), "llama-8b")
+    assert "NF4 dequantization" not in E.format_report(point(fused_lora=False), "llama-8b")
+    monkeypatch.setattr(E, "triton_installed", lambda: False)
+    assert not point().settings["nf4_kernel"]
 
 
 # --- offloaded checkpoints ----------------------------------------------------------------------

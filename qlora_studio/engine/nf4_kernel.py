@@ -1,0 +1,80 @@
+"""A Triton kernel that dequantizes a bitsandbytes NF4 weight: the same values, in one pass.
+
+The fused LoRA layer (lora_kernels.py) dequantizes each frozen weight three times a step (forward,
+recomputation, backward). bitsandbytes does it in three kernels: the 8-bit block scales to fp32,
+the offset added to them, then the weight; its weight kernel reached about 1.75 TB/s on an H200
+(bench/profile_step.py on the 8B shape: 30 ms of a 400 ms step). :func:`dequantize_nf4` reads the
+packed weight and the scales once and writes the weight, with bitsandbytes' arithmetic:
+
+    scale  = code2[absmax_q[block]] * absmax2[block // blocksize2] + offset    (double quantization)
+    w[2i]  = nf4[byte_i >> 4] * scale,   w[2i + 1] = nf4[byte_i & 15] * scale
+
+in fp32, without fused multiply-adds (bitsandbytes rounds the product and the sum separately),
+then cast to the weight's dtype. The results are bit for bit bitsandbytes'. CUDA only (imported there).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 1024  #: packed bytes per program (2,048 weights)
+WARPS = 4
+
+
+@triton.jit
+def _nf4(packed, absmax, code2, absmax2, offset, table, out, n_bytes, HALF_BLOCK: tl.constexpr,
+         BLOCK2: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < n_bytes
+    byte = tl.load(packed + offs, mask=mask, other=0).to(tl.int32)
+    block = offs // HALF_BLOCK
+    if NESTED:
+        q = tl.load(absmax + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(code2 + q) * tl.load(absmax2 + block // BLOCK2, mask=mask, other=0.0)
+        scale = scale + tl.load(offset)
+    else:
+        scale = tl.load(absmax + block, mask=mask, other=0.0)
+    high = tl.load(table + (byte >> 4)) * scale
+    low = tl.load(table + (byte & 15)) * scale
+    values = tl.interleave(high, low)
+    outs = 2 * start + tl.arange(0, 2 * BLOCK)
+    tl.store(out + outs, values.to(out.dtype.element_ty), mask=outs < 2 * n_bytes)
+
+
+def supported(weight: torch.Tensor, state) -> bool:
+    """Whether :func:`dequantize_nf4` takes this packed weight and its bitsandbytes QuantState."""
+    nested = bool(getattr(state, "nested", False))
+    numel = 1
+    for d in state.shape:
+        numel *= d
+    return (weight.is_cuda and weight.dtype == torch.uint8 and weight.is_contiguous()
+            and state.quant_type == "nf4" and state.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and state.blocksize % 2 == 0 and numel % 2 == 0 and weight.numel() * 2 == numel
+            and state.code is not None and state.code.numel() == 16
+            and state.code.dtype == torch.float32 and state.code.device == weight.device
+            and not getattr(state, "packing_format_for_cpu", False)
+            and (not nested or (state.absmax.dtype == torch.uint8 and state.state2.absmax.dtype == torch.float32
+                                and state.state2.code.dtype == torch.float32 and torch.is_tensor(state.offset)
+                                and state.offset.device == weight.device))
+            and (nested or state.absmax.dtype == torch.float32))
+
+
+def dequantize_nf4(weight: torch.Tensor, state) -> torch.Tensor:
+    """The weight ``weight`` (packed NF4 bytes) stands for, shaped and typed as ``state`` says."""
+    out = torch.empty(state.shape, dtype=state.dtype, device=weight.device)
+    n_bytes = weight.numel()
+    nested = bool(state.nested)
+    absmax2 = state.state2.absmax if nested else state.absmax
+    code2 = state.state2.code if nested else state.code
+    offset = state.offset if nested else state.absmax
+    grid = (triton.cdiv(n_bytes, BLOCK),)
+    _nf4[grid](weight, state.absmax, code2, absmax2, offset, state.code, out, n_bytes,
+               HALF_BLOCK=state.blocksize // 2, BLOCK2=state.state2.blocksize if nested else 1, NESTED=nested,
+               BLOCK=BLOCK, num_warps=WARPS, enable_fp_fusion=False)
+    return out
+
+
+__all__ = ["dequantize_nf4", "supported"]
