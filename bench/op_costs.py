@@ -5,7 +5,8 @@
 Times, with CUDA events and random data, each kind of work a decoder layer does in one training
 step of the harness's shape (gradient checkpointing on, so every layer runs forward twice):
 
-  dequant     bitsandbytes' NF4 dequantization of each projection's weight
+  dequant     NF4 dequantization of each projection's weight: bitsandbytes' and the engine's
+              kernel (engine/nf4_kernel.py, which the per-step sum counts)
   gemm        the projections' products with the dequantized weight: forward (x W^T) and input
               gradient (g W); a frozen weight has no weight gradient
   lora        the adapter's extra products in the engine's fused layer (engine/lora_kernels.py)
@@ -58,6 +59,7 @@ def main() -> int:
     import torch.nn.functional as F
 
     from qlora_studio.engine.lora_kernels import LoRA4bitFunction
+    from qlora_studio.engine.nf4_kernel import dequantize_nf4
 
     s = SHAPES[args.shape]
     hidden, inter, layers = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
@@ -83,6 +85,7 @@ def main() -> int:
         b = (torch.randn(out_f, args.rank, device=dev) * 0.01).requires_grad_()
         wd = bnbF.dequantize_4bit(packed, state)
         dequant = timed(lambda: bnbF.dequantize_4bit(packed, state))
+        kernel = timed(lambda: dequantize_nf4(packed, state))
         fwd = timed(lambda: x @ wd.t())
         dgrad = timed(lambda: g @ wd)
 
@@ -97,17 +100,36 @@ def main() -> int:
         fused_fwd = timed(fused_forward)
         fused_all = timed(fused_step)
         fused_bwd = fused_all - fused_fwd
-        lora_fwd = fused_fwd - dequant - fwd
-        lora_bwd = fused_bwd - dequant - dgrad
-        rows[name] = {"shape": [out_f, in_f], "dequant_ms": dequant, "forward_gemm_ms": fwd, "input_grad_gemm_ms": dgrad,
+        lora_fwd = fused_fwd - kernel - fwd  # the fused layer dequantizes with nf4_kernel
+        lora_bwd = fused_bwd - kernel - dgrad
+        rows[name] = {"shape": [out_f, in_f], "dequant_ms": dequant, "nf4_kernel_ms": kernel,
+                      "nf4_kernel_TBps": (packed.numel() + w.numel() * 2) / kernel / 1e9, "forward_gemm_ms": fwd, "input_grad_gemm_ms": dgrad,
                       "fused_forward_ms": fused_fwd, "fused_backward_ms": fused_bwd,
                       "lora_forward_extra_ms": lora_fwd, "lora_backward_extra_ms": lora_bwd,
                       "gemm_tflops": 2 * tokens * out_f * in_f / fwd / 1e9}
         # Per step: forward and recomputation, then backward.
-        per_layer["dequant"] += 3 * dequant
+        per_layer["dequant"] += 3 * kernel
         per_layer["gemm"] += 2 * fwd + dgrad
         per_layer["lora"] += 2 * lora_fwd + lora_bwd
         del w, packed, weight, x, g, a, b, wd
+
+    # The NF4 kernel's block size and warps, on the largest weight.
+    from qlora_studio.engine import nf4_kernel
+
+    sweep = {}
+    out_f, in_f = projections["down_proj"]
+    packed, state = bnbF.quantize_4bit(torch.randn(out_f, in_f, device=dev, dtype=dt), compress_statistics=True,
+                                       quant_type="nf4")
+    chosen = (nf4_kernel.BLOCK, nf4_kernel.WARPS)
+    for block in (512, 1024, 2048, 4096):
+        for warps in (2, 4, 8):
+            nf4_kernel.BLOCK, nf4_kernel.WARPS = block, warps
+            ms = timed(lambda: dequantize_nf4(packed, state))
+            sweep[f"{block}x{warps}"] = (packed.numel() + out_f * in_f * 2) / ms / 1e9
+    nf4_kernel.BLOCK, nf4_kernel.WARPS = chosen
+    print("NF4 kernel, TB/s by bytes per program x warps: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in sorted(sweep.items(), key=lambda kv: -kv[1])))
+    del packed, state
 
     attention: dict[str, dict] = {}
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -140,8 +162,8 @@ def main() -> int:
             except Exception as exc:  # a backend that does not take the shape says why
                 attention[key] = {"error": str(exc).splitlines()[0][:160]}
     for key, r in attention.items():
-        print(f"attention {key:28s} " + (f"forward {r['forward_ms']:.2f} ms, backward {r['backward_ms']:.2f} ms"
-                                        if "error" in r else r["error"]))
+        print(f"attention {key:28s} " + (r["error"] if "error" in r else
+                                        f"forward {r['forward_ms']:.2f} ms, backward {r['backward_ms']:.2f} ms"))
 
     fused: dict[str, float] = {}
     try:
@@ -177,9 +199,9 @@ def main() -> int:
         per_layer["attention (flash)"] = flash["step_ms"]
     per_step = {k: v * layers for k, v in per_layer.items()}
     total = sum(per_step.values())
-    print(f"\n{'projection':10s} {'dequant':>8s} {'fwd GEMM':>9s} {'TFLOP/s':>8s} {'dgrad':>7s} {'LoRA fwd+':>10s} {'LoRA bwd+':>10s}")
+    print(f"\n{'projection':10s} {'bnb deq':>8s} {'kernel':>7s} {'fwd GEMM':>9s} {'TFLOP/s':>8s} {'dgrad':>7s} {'LoRA fwd+':>10s} {'LoRA bwd+':>10s}")
     for name, r in rows.items():
-        print(f"{name:10s} {r['dequant_ms']:8.3f} {r['forward_gemm_ms']:9.3f} {r['gemm_tflops']:8.0f} {r['input_grad_gemm_ms']:7.3f}"
+        print(f"{name:10s} {r['dequant_ms']:8.3f} {r['nf4_kernel_ms']:7.3f} {r['forward_gemm_ms']:9.3f} {r['gemm_tflops']:8.0f} {r['input_grad_gemm_ms']:7.3f}"
               f" {r['lora_forward_extra_ms']:10.3f} {r['lora_backward_extra_ms']:10.3f}")
     print(f"\nper step ({layers} layers, forward + recomputation + backward), ms:")
     for k, v in sorted(per_step.items(), key=lambda kv: -kv[1]):
@@ -187,7 +209,7 @@ def main() -> int:
     print(f"  {'sum':22s} {total:8.1f}   (tokens per step {tokens}: {tokens / total * 1000:,.0f} tok/s if nothing else ran)")
     print(f"copy: {copy['to_cpu_GBps']:.1f} GB/s to CPU, {copy['to_gpu_GBps']:.1f} GB/s to GPU")
     write_result(f"op_costs-{args.shape}", {"shape": args.shape, "tokens": tokens, "rank": args.rank,
-                                           "projections": rows, "attention": attention, "fused": fused, "copy": copy,
+                                           "projections": rows, "nf4_kernel_sweep_TBps": sweep, "attention": attention, "fused": fused, "copy": copy,
                                            "per_step_ms": per_step, "sum_ms": total})
     return 0
 

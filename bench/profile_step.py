@@ -56,6 +56,7 @@ def main() -> int:
     ap.add_argument("--gradient-checkpointing", type=int, default=1)
     ap.add_argument("--phases", type=int, default=0, help="steps timed per phase before profiling")
     ap.add_argument("--gc-off", action="store_true", help="Python's garbage collector off while timing phases")
+    ap.add_argument("--trace", help="also write the profiled steps' Chrome trace here (gzipped)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a train setting, e.g. fused_kernels=false")
     args = ap.parse_args()
 
@@ -97,6 +98,15 @@ def main() -> int:
             train_step(model, [b], params, opt, sched, cfg, device)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
+    if args.trace:
+        import gzip
+        import shutil
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=".json") as raw:
+            prof.export_chrome_trace(raw.name)
+            with open(raw.name, "rb") as src, gzip.open(args.trace, "wb") as dst:
+                shutil.copyfileobj(src, dst)
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events)
     by_gpu = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:25]

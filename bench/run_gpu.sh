@@ -44,7 +44,8 @@ for part in $parts; do
       IFS=';' read -ra variants <<< "${QS_PROFILE_SETS:-}"; [ ${#variants[@]} -gt 0 ] || variants=("")
       for v in "${variants[@]}"; do
         sets=(); for kv in $v; do case $kv in --*) sets+=("$kv") ;; *) sets+=(--set "$kv") ;; esac; done
-        python3 bench/profile_step.py --shape "${part#profile}" --phases ${QS_PROFILE_PHASES:-20} "${sets[@]}" || break
+        python3 bench/profile_step.py --shape "${part#profile}" --phases ${QS_PROFILE_PHASES:-20} "${sets[@]}" \
+          ${QS_PROFILE_TRACE:+--trace "$out/trace-${part#profile}.json.gz"} || break
       done ;;
     opcosts) python3 bench/op_costs.py --shape 8b ;;
     optimizer) python3 bench/optimizer_step.py --shape 1b && python3 bench/optimizer_step.py --shape 8b ;;
