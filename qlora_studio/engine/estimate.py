@@ -612,10 +612,10 @@ class _StepSimulation:
             x_d = x
         a = tl.alloc(c * r * lin.in_features)  # the adapter's weights in the compute dtype
         b = tl.alloc(c * lin.out_features * r)
-        w = self._dequantized_weight(lin)
-        out = tl.alloc(c * lin.out_features * t)
-        tl.free(w)
         xa = tl.alloc(c * r * t)
+        out = tl.alloc(c * lin.out_features * t)  # the adapter's term, then the weight's product added in
+        w = self._dequantized_weight(lin)
+        tl.free(w)
         for handle in (x_d, xa, a, b):
             tl.keep(handle)
         tl.free(xa, a, b, x_d if x_d != x else None)
@@ -669,11 +669,11 @@ class _StepSimulation:
             tl.free(low)
         g_x = g_d = None
         if input_grad:
-            w = self._dequantized_weight(lin)
-            g_x = tl.alloc(c * lin.in_features * t)
-            tl.free(w)
             if "mask" in saved:  # the dropped-out input's own gradient, then dropout's backward
                 g_d = tl.alloc(c * lin.in_features * t)
+            g_x = tl.alloc(c * lin.in_features * t)  # without dropout: the adapter's term, the weight's added in
+            w = self._dequantized_weight(lin)
+            tl.free(w)
         tl.free(gb, *[saved[k] for k in ("x_d", "xa", "a", "b") if k in saved])
         if g_d is not None:
             g_d = self._replace(g_d, tl.alloc(c * lin.in_features * t))

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK = 1024  #: packed bytes per program (2,048 weights)
-WARPS = 4
+BLOCK = 4096  #: packed bytes per program (8,192 weights)
+WARPS = 8  #: the fastest of 512 to 4,096 bytes by 2 to 8 warps on an H200 (bench/op_costs.py)
 
 
 @triton.jit
