@@ -48,6 +48,34 @@ def timed(fn, repeat: int = 10) -> float:
     return statistics.median(times)
 
 
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pairs_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _nf4_pairs(packed, absmax, code2, absmax2, offset, table, out, n_bytes, HALF_BLOCK: tl.constexpr,
+                   BLOCK2: tl.constexpr, BLOCK: tl.constexpr):
+        start = tl.program_id(0).to(tl.int64) * BLOCK
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n_bytes
+        byte = tl.load(packed + offs, mask=mask, other=0).to(tl.int32)
+        block = offs // HALF_BLOCK
+        q = tl.load(absmax + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(code2 + q) * tl.load(absmax2 + block // BLOCK2, mask=mask, other=0.0)
+        scale = scale + tl.load(offset)
+        high = tl.load(table + (byte >> 4)) * scale
+        low = tl.load(table + (byte & 15)) * scale
+        values = tl.join(high, low)  # (BLOCK, 2)
+        ptrs = out + 2 * offs[:, None] + tl.arange(0, 2)[None, :]
+        tl.store(ptrs, values.to(out.dtype.element_ty), mask=mask[:, None])
+
+    return _nf4_pairs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=["1b", "8b"], default="8b")
@@ -121,12 +149,24 @@ def main() -> int:
     packed, state = bnbF.quantize_4bit(torch.randn(out_f, in_f, device=dev, dtype=dt), compress_statistics=True,
                                        quant_type="nf4")
     chosen = (nf4_kernel.BLOCK, nf4_kernel.WARPS)
-    for block in (512, 1024, 2048, 4096):
-        for warps in (2, 4, 8):
+    for block in (512, 1024, 2048, 4096, 8192):
+        for warps in (2, 4, 8, 16):
             nf4_kernel.BLOCK, nf4_kernel.WARPS = block, warps
             ms = timed(lambda: dequantize_nf4(packed, state))
             sweep[f"{block}x{warps}"] = (packed.numel() + out_f * in_f * 2) / ms / 1e9
     nf4_kernel.BLOCK, nf4_kernel.WARPS = chosen
+    # A variant that stores (high, low) pairs through a 2-D pointer block instead of interleaving them.
+    pairs = _pairs_kernel()
+    ref = dequantize_nf4(packed, state)
+    for block in (1024, 2048, 4096, 8192):
+        for warps in (4, 8, 16):
+            out = torch.empty_like(ref)
+            run = lambda: pairs[(triton_cdiv(packed.numel(), block),)](  # noqa: E731
+                packed, state.absmax, state.state2.code, state.state2.absmax, state.offset, state.code, out,
+                packed.numel(), HALF_BLOCK=32, BLOCK2=state.state2.blocksize, BLOCK=block, num_warps=warps,
+                enable_fp_fusion=False)
+            ms = timed(run)
+            sweep[f"pairs-{block}x{warps}"] = (packed.numel() + out_f * in_f * 2) / ms / 1e9 if torch.equal(out, ref) else 0.0
     print("NF4 kernel, TB/s by bytes per program x warps: "
           + ", ".join(f"{k} {v:.2f}" for k, v in sorted(sweep.items(), key=lambda kv: -kv[1])))
     del packed, state
