@@ -9,7 +9,8 @@ step of the harness's shape (gradient checkpointing on, so every layer runs forw
               kernel (engine/nf4_kernel.py, which the per-step sum counts)
   gemm        the projections' products with the dequantized weight: forward (x W^T) and input
               gradient (g W); a frozen weight has no weight gradient
-  lora        the adapter's extra products in the engine's fused layer (engine/lora_kernels.py)
+  lora        the adapter's extra work in the engine's fused layer (engine/lora_kernels.py), timed
+              eagerly: the launch costs of its small kernels are in, which CUDA graphs take away
   attention   PyTorch's SDPA, forward and backward, with each backend it offers for the shape
   fused       liger-kernel's RMSNorm and SwiGLU, when installed
   copy        one layer input to pinned CPU memory and back (the offloaded checkpoints)
@@ -46,34 +47,6 @@ def timed(fn, repeat: int = 10) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _pairs_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _nf4_pairs(packed, absmax, code2, absmax2, offset, table, out, n_bytes, HALF_BLOCK: tl.constexpr,
-                   BLOCK2: tl.constexpr, BLOCK: tl.constexpr):
-        start = tl.program_id(0).to(tl.int64) * BLOCK
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < n_bytes
-        byte = tl.load(packed + offs, mask=mask, other=0).to(tl.int32)
-        block = offs // HALF_BLOCK
-        q = tl.load(absmax + block, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(code2 + q) * tl.load(absmax2 + block // BLOCK2, mask=mask, other=0.0)
-        scale = scale + tl.load(offset)
-        high = tl.load(table + (byte >> 4)) * scale
-        low = tl.load(table + (byte & 15)) * scale
-        values = tl.join(high, low)  # (BLOCK, 2)
-        ptrs = out + 2 * offs[:, None] + tl.arange(0, 2)[None, :]
-        tl.store(ptrs, values.to(out.dtype.element_ty), mask=mask[:, None])
-
-    return _nf4_pairs
 
 
 def main() -> int:
@@ -155,18 +128,6 @@ def main() -> int:
             ms = timed(lambda: dequantize_nf4(packed, state))
             sweep[f"{block}x{warps}"] = (packed.numel() + out_f * in_f * 2) / ms / 1e9
     nf4_kernel.BLOCK, nf4_kernel.WARPS = chosen
-    # A variant that stores (high, low) pairs through a 2-D pointer block instead of interleaving them.
-    pairs = _pairs_kernel()
-    ref = dequantize_nf4(packed, state)
-    for block in (1024, 2048, 4096, 8192):
-        for warps in (4, 8, 16):
-            out = torch.empty_like(ref)
-            run = lambda: pairs[(triton_cdiv(packed.numel(), block),)](  # noqa: E731
-                packed, state.absmax, state.state2.code, state.state2.absmax, state.offset, state.code, out,
-                packed.numel(), HALF_BLOCK=32, BLOCK2=state.state2.blocksize, BLOCK=block, num_warps=warps,
-                enable_fp_fusion=False)
-            ms = timed(run)
-            sweep[f"pairs-{block}x{warps}"] = (packed.numel() + out_f * in_f * 2) / ms / 1e9 if torch.equal(out, ref) else 0.0
     print("NF4 kernel, TB/s by bytes per program x warps: "
           + ", ".join(f"{k} {v:.2f}" for k, v in sorted(sweep.items(), key=lambda kv: -kv[1])))
     del packed, state

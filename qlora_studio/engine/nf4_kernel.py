@@ -3,8 +3,9 @@
 The fused LoRA layer (lora_kernels.py) dequantizes each frozen weight three times a step (forward,
 recomputation, backward). bitsandbytes does it in three kernels: the 8-bit block scales to fp32,
 the offset added to them, then the weight; its weight kernel reached about 1.75 TB/s on an H200
-(bench/profile_step.py on the 8B shape: 30 ms of a 400 ms step). :func:`dequantize_nf4` reads the
-packed weight and the scales once and writes the weight, with bitsandbytes' arithmetic:
+(bench/profile_step.py on the 8B shape: 30 ms of a 400 ms step); this one about 2.4 TB/s
+(bench/op_costs.py). :func:`dequantize_nf4` reads the packed weight and the scales once and writes
+the weight, with bitsandbytes' arithmetic:
 
     scale  = code2[absmax_q[block]] * absmax2[block // blocksize2] + offset    (double quantization)
     w[2i]  = nf4[byte_i >> 4] * scale,   w[2i + 1] = nf4[byte_i & 15] * scale
@@ -20,7 +21,7 @@ import triton
 import triton.language as tl
 
 BLOCK = 4096  #: packed bytes per program (8,192 weights)
-WARPS = 8  #: the fastest of 512 to 4,096 bytes by 2 to 8 warps on an H200 (bench/op_costs.py)
+WARPS = 8  #: the fastest of 512 to 8,192 bytes by 2 to 16 warps on an H200: 2.46 TB/s (bench/op_costs.py)
 
 
 @triton.jit
@@ -39,9 +40,9 @@ def _nf4(packed, absmax, code2, absmax2, offset, table, out, n_bytes, HALF_BLOCK
         scale = tl.load(absmax + block, mask=mask, other=0.0)
     high = tl.load(table + (byte >> 4)) * scale
     low = tl.load(table + (byte & 15)) * scale
-    values = tl.interleave(high, low)
-    outs = 2 * start + tl.arange(0, 2 * BLOCK)
-    tl.store(out + outs, values.to(out.dtype.element_ty), mask=outs < 2 * n_bytes)
+    # (BLOCK, 2): each byte's pair of weights, stored side by side
+    values = tl.join(high, low).to(out.dtype.element_ty)
+    tl.store(out + 2 * offs[:, None] + tl.arange(0, 2)[None, :], values, mask=mask[:, None])
 
 
 def supported(weight: torch.Tensor, state) -> bool:
