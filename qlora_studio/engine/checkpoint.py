@@ -145,4 +145,7 @@ def load(checkpoint: Path, model, optimizer, scheduler) -> dict[str, Any]:
     extra = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
     scheduler.load_state_dict(extra["scheduler"])
     set_rng_state(extra["rng"])
+    from .lora_kernels import weights_changed
+
+    weights_changed()
     return runs.read_state(checkpoint)

@@ -610,18 +610,20 @@ class _StepSimulation:
             x_d, mask = self._dropout(lin.in_features, c, input_grad)
         else:
             x_d = x
-        a = tl.alloc(c * r * lin.in_features)  # the adapter's weights in the compute dtype
-        b = tl.alloc(c * lin.out_features * r)
+        # the adapter's weights in the compute dtype: kept copies (counted with the adapters at load)
+        # or, for an fp32 computation, scale·B made in each pass
+        b = None if _compute_copy_bytes(self.s) else tl.alloc(c * lin.out_features * r)
         xa = tl.alloc(c * r * t)
         out = tl.alloc(c * lin.out_features * t)  # the adapter's term, then the weight's product added in
         w = self._dequantized_weight(lin)
         tl.free(w)
-        for handle in (x_d, xa, a, b):
-            tl.keep(handle)
-        tl.free(xa, a, b, x_d if x_d != x else None)
+        for handle in (x_d, xa, b):
+            if handle is not None:
+                tl.keep(handle)
+        tl.free(xa, b, x_d if x_d != x else None)
         if last:  # the recomputation stops when the function's saved tensors are packed
             out = self._replace(out, None)
-        return out, self._saved({"x_d": x_d, "xa": xa, "a": a, "b": b, "mask": mask}, keep)
+        return out, self._saved({"x_d": x_d, "xa": xa, "b": b, "mask": mask}, keep)
 
     def _saved(self, saved: dict[str, int | None], keep: bool) -> dict[str, int]:
         """The tensors autograd keeps; a checkpointed forward keeps none of them."""
@@ -1543,12 +1545,23 @@ def _load_weights(tl: _Timeline, info: ModelInfo, targets: tuple[Linear, ...], s
     tl.alloc(c * rest, "weights_16bit")
     if info.head_params:
         tl.alloc(c * info.head_params, "weights_16bit")
+    copies = _compute_copy_bytes(s)
     for lin in targets:
         for _ in range(lin.count):
             tl.alloc(LORA_BYTES * s["lora_r"] * lin.in_features, "lora")
             tl.alloc(LORA_BYTES * s["lora_r"] * lin.out_features, "lora")
+            if copies:  # lora_kernels.compute_copies: A and scale·B in the compute dtype, kept between passes
+                tl.alloc(copies * s["lora_r"] * lin.in_features, "lora_copies")
+                tl.alloc(copies * s["lora_r"] * lin.out_features, "lora_copies")
     if s["embeddings_on_cpu"]:  # gpu_fast_paths moves it once the model is built; its block stays cached
         tl.free(embedding)
+
+
+def _compute_copy_bytes(s: dict[str, Any]) -> int:
+    """Bytes per value of the fused layers' compute-dtype adapter copies (0: none, the adapter
+    computes in its own fp32)."""
+    c = DTYPE_BYTES[s["compute_dtype"]]
+    return c if s["fused_lora"] and c != LORA_BYTES else 0
 
 
 def _reserved(events: list[tuple[int, int, int]]) -> int:
@@ -1636,6 +1649,7 @@ LABELS = {
     "quant_constants": "4-bit constants (absmax, double quantization)",
     "weights_16bit": "16-bit weights (embeddings, output head, norms)",
     "lora": "LoRA parameters (fp32)",
+    "lora_copies": "LoRA weights in the compute dtype (kept between passes)",
     "gradients": "LoRA gradients (fp32)",
     "optimizer": "optimizer states on the GPU",
     "activations": "activations saved for backward",
@@ -1682,7 +1696,9 @@ def _simulate(info: ModelInfo, s: dict[str, Any], replay: bool) -> Estimate:
     else:
         tl = _Timeline({
             "weights_4bit": q.packed, "quant_constants": q.constants, "weights_16bit": c * sixteen_bit,
-            "lora": sum(_granule(LORA_BYTES * n) for n in sizes), "optimizer": opt.device,
+            "lora": sum(_granule(LORA_BYTES * n) for n in sizes),
+            "lora_copies": sum(_granule(_compute_copy_bytes(s) * n) for n in sizes) if _compute_copy_bytes(s) else 0,
+            "optimizer": opt.device,
         }, granule=granule)
     sim = _StepSimulation(info, targets, shape, s, tl)
     if cuda and not sim.graphs:  # cuBLAS's workspaces, from the first products of forward and backward on

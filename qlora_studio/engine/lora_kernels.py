@@ -71,15 +71,78 @@ def _nf4_kernel(data: torch.Tensor, state):
     return nf4_kernel.dequantize_nf4 if nf4_kernel.supported(data, state) else None
 
 
+_FP32_OUT_OFF: list[str] = []  # why torch.mm(..., out_dtype=float32) failed here, once it has
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in fp32 from compute-dtype operands: on a GPU the product writes fp32 directly
+    (no compute-dtype result and no cast kernel after it), elsewhere the product is cast."""
+    if a.is_cuda and a.dtype != torch.float32 and not _FP32_OUT_OFF:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError) as exc:  # an older PyTorch, or a GPU without it
+            _FP32_OUT_OFF.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            log.info("fp32 products of compute-dtype operands are not available here (%s); casting instead",
+                     _FP32_OUT_OFF[0])
+    return (a @ b).float()
+
+
+_GENERATION = [0]  # bumped by weights_changed(): every compute-dtype copy is refreshed at its next use
+
+
+def weights_changed() -> None:
+    """Say that adapter weights may have changed in a way their version counters do not show (the
+    trainer calls it after every optimizer step): the compute-dtype copies are rebuilt at next use."""
+    _GENERATION[0] += 1
+
+
+def compute_copies(module, adapter: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The adapter's A and scale·B in the compute dtype, kept on the module between passes; None
+    where the adapter is already in that dtype.
+
+    Cast in every pass, they were two of every three kernels a fused layer launched: on an 8B
+    step, 1,350 of 8,670 kernels (bench/profile_step.py's trace). The copies are refreshed in place
+    when the weights' version counters, their storage or weights_changed()'s generation differ from
+    those they were made from, so a CUDA graph that reads them stays valid (refresh_copies)."""
+    la, lb = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    if la.dtype == dtype:
+        return None
+    scale = float(module.scaling[adapter])
+    key = (_GENERATION[0], la._version, lb._version, la.data_ptr(), lb.data_ptr(), scale)
+    copies = module.__dict__.get("_compute_copies")
+    with torch.no_grad():
+        if (copies is None or copies["adapter"] != adapter or copies["a"].dtype != dtype
+                or copies["a"].shape != la.shape or copies["b"].shape != lb.shape or copies["a"].device != la.device):
+            copies = {"a": la.to(dtype, copy=True), "b": torch.mul(lb, scale).to(dtype), "key": key, "adapter": adapter}
+            module._compute_copies = copies
+        elif copies["key"] != key:
+            copies["a"].copy_(la)
+            torch.mul(lb, scale, out=copies["b"])
+            copies["key"] = key
+    return copies["a"], copies["b"]
+
+
+def refresh_copies(modules) -> None:
+    """Bring the compute-dtype copies of these fused layers up to date (before a CUDA graph that
+    reads them replays: the graph holds their addresses, not the casts)."""
+    for module in modules:
+        copies = module.__dict__.get("_compute_copies")
+        if copies is not None:
+            compute_copies(module, copies["adapter"], copies["a"].dtype)
+
+
 class LoRA4bitFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_d, weight, lora_a, lora_b, scale: float, bias):
+    def forward(ctx, x, x_d, weight, lora_a, lora_b, scale: float, bias, copies=None):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xd2 = x_d.reshape(-1, shape[-1])
         dtype = x.dtype
-        a = lora_a.to(dtype)
-        b = (lora_b * scale).to(dtype)  # the scale goes into B's rows
+        if copies is not None:  # compute_copies: A and scale B in the compute dtype
+            a, b = copies
+        else:
+            a = lora_a.to(dtype)
+            b = (lora_b * scale).to(dtype)  # the scale goes into B's rows
         xa = xd2 @ a.t()
         out = xa @ b.t()  # the adapter's term first, then the frozen weight's product is added to it in
         w = _dequantize(weight).to(dtype)  # cuBLAS's epilogue, instead of in a pass of its own over `out`
@@ -100,8 +163,8 @@ class LoRA4bitFunction(torch.autograd.Function):
         xd2, xa, a, b = ctx.saved_tensors  # b: scale B
         g = grad.reshape(-1, grad.shape[-1]).to(xd2.dtype)
         gb = g @ b  # scale (g B), (tokens, r)
-        grad_a = (gb.t() @ xd2).float()
-        grad_b = (g.t() @ xa).float().mul_(ctx.scale)
+        grad_a = _mm_fp32(gb.t(), xd2)
+        grad_b = _mm_fp32(g.t(), xa).mul_(ctx.scale)
         grad_xd = None
         if ctx.same_input:
             grad_x = gb @ a  # the adapter's term first, as in forward
@@ -114,7 +177,7 @@ class LoRA4bitFunction(torch.autograd.Function):
             grad_x = g @ w
         del w
         grad_bias = g.sum(0) if ctx.has_bias else None
-        return grad_x.view(ctx.shape), grad_xd, None, grad_a, grad_b, None, grad_bias
+        return grad_x.view(ctx.shape), grad_xd, None, grad_a, grad_b, None, grad_bias, None
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -129,7 +192,7 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     x_d = dropout(x) if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and self.training else x
     base = self.base_layer
     return LoRA4bitFunction.apply(x, x_d, base.weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                                  float(self.scaling[adapter]), base.bias)
+                                  float(self.scaling[adapter]), base.bias, compute_copies(self, adapter, x.dtype))
 
 
 def fuse_lora_layers(model) -> int:
@@ -145,4 +208,4 @@ def fuse_lora_layers(model) -> int:
     return count
 
 
-__all__ = ["LoRA4bitFunction", "fuse_lora_layers"]
+__all__ = ["LoRA4bitFunction", "compute_copies", "fuse_lora_layers", "refresh_copies", "weights_changed"]

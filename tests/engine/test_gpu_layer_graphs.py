@@ -162,3 +162,29 @@ def test_an_mlp_in_token_ranges_gives_the_losses_and_gradients_of_the_whole(demo
         # Each token's values as before; the adapters' gradients summed over the ranges.
         assert loss == pytest.approx(loss_ref, rel=1e-4)
         close(grads_ref, grads, 1e-2)  # bf16 products: summed over two ranges, rounded apart
+
+
+def test_replays_after_optimizer_steps_read_the_updated_adapters(demo_template):
+    # The graphs hold the addresses of the fused layers' compute-dtype adapter copies
+    # (lora_kernels.compute_copies): the replays of steps 3 and 4 must see the optimizer's updates.
+    from qlora_studio import config as C
+    from qlora_studio.engine.trainer import loss_sum, update
+
+    cfg = C.load(demo_template / "config.toml")
+    runs = {}
+    for graphs in (False, True):
+        model, batch, info = model_and_batch(demo_template, 0.0, fused_kernels=False, cuda_graphs=graphs)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        losses = []
+        for _ in range(4):
+            loss = loss_sum(model, batch, "chunked")
+            loss.backward()
+            update(params, opt, sched, cfg)
+            losses.append(float(loss))
+        runs[graphs] = losses
+        if graphs:
+            assert model.layer_graphs.graphs > 0 and model.layer_graphs.disabled is None
+    assert runs[True] == pytest.approx(runs[False], rel=1e-4)
+    assert len(set(runs[False])) == 4

@@ -67,3 +67,64 @@ def test_fused_layer_with_dropout_and_disabled_adapter(demo_template):
     model.train()
     _, grads = _grads(model, tok, demo_template)
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+
+
+def _steps(model, tok, demo_template, steps: int = 3) -> list[float]:
+    """Losses of a few training steps through the trainer's update (which says the weights changed)."""
+    from qlora_studio.engine.data import Batcher, collate, load_dataset
+    from qlora_studio.engine.trainer import loss_sum, update
+
+    cfg = C.load(demo_template / "config.toml")
+    data = load_dataset(cfg.data, tok, demo_template)
+    batcher = Batcher(data.train, 4, 0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = loss_sum(model, collate(batcher.next(), tok.pad_token_id))
+        loss.backward()
+        update(params, opt, sched, cfg)
+        losses.append(float(loss))
+    return losses
+
+
+def test_compute_dtype_copies_follow_the_optimizer(demo_template, monkeypatch):
+    from qlora_studio.engine import lora_kernels
+
+    model, tok = _model(demo_template, torch.bfloat16, fused=True)
+    kept = _steps(model, tok, demo_template)
+    fused = [m for m in model.modules() if hasattr(m, "_peft_forward")]
+    assert fused and all("_compute_copies" in m.__dict__ for m in fused)
+    # the same steps with A and scale·B cast in every pass: the same losses, bit for bit
+    monkeypatch.setattr(lora_kernels, "compute_copies", lambda module, adapter, dtype: None)
+    model, tok = _model(demo_template, torch.bfloat16, fused=True)
+    assert _steps(model, tok, demo_template) == kept
+    assert len(set(kept)) == len(kept)  # the updates changed what the steps computed
+
+
+def test_compute_dtype_copies_are_refreshed_in_place_when_the_weights_change(demo_template):
+    from qlora_studio.engine import lora_kernels
+
+    model, _ = _model(demo_template, torch.bfloat16, fused=True)
+    module = next(m for m in model.modules() if hasattr(m, "_peft_forward"))
+    adapter = module.active_adapters[0]
+    la, lb = module.lora_A[adapter].weight, module.lora_B[adapter].weight
+    scale = float(module.scaling[adapter])
+    a, b = lora_kernels.compute_copies(module, adapter, torch.bfloat16)
+    assert a.dtype == torch.bfloat16 and torch.equal(a, la.to(torch.bfloat16))
+    assert torch.equal(b, (lb * scale).to(torch.bfloat16))
+    assert lora_kernels.compute_copies(module, adapter, torch.float32) is None  # the adapter's own dtype
+    with torch.no_grad():
+        la.add_(1.0)  # an in-place change: its version counter moves
+    a2, b2 = lora_kernels.compute_copies(module, adapter, torch.bfloat16)
+    assert a2 is a and b2 is b and torch.equal(a, la.to(torch.bfloat16))  # the same tensors, new values
+    lb.data.mul_(2.0)  # a change through .data, which no version counter sees
+    assert not torch.equal(lora_kernels.compute_copies(module, adapter, torch.bfloat16)[1], (lb * scale).to(torch.bfloat16))
+    lora_kernels.weights_changed()
+    assert torch.equal(lora_kernels.compute_copies(module, adapter, torch.bfloat16)[1], (lb * scale).to(torch.bfloat16))
+    lb.data.mul_(2.0)
+    lora_kernels.weights_changed()
+    lora_kernels.refresh_copies([module])  # what a CUDA graph's replay does first
+    assert torch.equal(module._compute_copies["b"], (lb * scale).to(torch.bfloat16))
