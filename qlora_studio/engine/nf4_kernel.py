@@ -2,10 +2,10 @@
 
 The fused LoRA layer (lora_kernels.py) dequantizes each frozen weight three times a step (forward,
 recomputation, backward). bitsandbytes does it in three kernels: the 8-bit block scales to fp32,
-the offset added to them, then the weight; its weight kernel reached about 1.75 TB/s on an H200
-(bench/profile_step.py on the 8B shape: 30 ms of a 400 ms step); this one about 2.4 TB/s
-(bench/op_costs.py). :func:`dequantize_nf4` reads the packed weight and the scales once and writes
-the weight, with bitsandbytes' arithmetic:
+the offset added to them, then the weight. On an H200 they took 30 ms of a 400 ms step on the 8B
+shape (bench/profile_step.py), and 0.108–0.143 ms for one of its MLP weights, where this kernel
+takes about 0.06 ms, 2.46 TB/s (bench/op_costs.py). :func:`dequantize_nf4` reads the packed weight
+and the scales once and writes the weight, with bitsandbytes' arithmetic:
 
     scale  = code2[absmax_q[block]] * absmax2[block // blocksize2] + offset    (double quantization)
     w[2i]  = nf4[byte_i >> 4] * scale,   w[2i + 1] = nf4[byte_i & 15] * scale
