@@ -1697,7 +1697,7 @@ def _simulate(info: ModelInfo, s: dict[str, Any], replay: bool) -> Estimate:
         tl = _Timeline({
             "weights_4bit": q.packed, "quant_constants": q.constants, "weights_16bit": c * sixteen_bit,
             "lora": sum(_granule(LORA_BYTES * n) for n in sizes),
-            "lora_copies": sum(_granule(_compute_copy_bytes(s) * n) for n in sizes) if _compute_copy_bytes(s) else 0,
+            "lora_copies": sum(_granule(copy_bytes * n) for n in sizes) if (copy_bytes := _compute_copy_bytes(s)) else 0,
             "optimizer": opt.device,
         }, granule=granule)
     sim = _StepSimulation(info, targets, shape, s, tl)

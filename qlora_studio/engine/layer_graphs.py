@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from .lora_kernels import refresh_copies
+from .lora_kernels import fused_layers, refresh_copies
 from .offload import tiled_forward
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class LayerGraphs:
         self.context = context
         self.layer = layer
         # the fused LoRA layers in it, whose compute-dtype weight copies the graphs read
-        self.fused = [m for m in layer.modules() if hasattr(m, "_peft_forward")]
+        self.fused = fused_layers(layer)
         self.seen: dict[Any, int] = {}
         self.graphs: dict[Any, torch.cuda.CUDAGraph] = {}
         self.params: list[torch.nn.Parameter] | None = None

@@ -12,15 +12,16 @@ on the 1B shape).
     backward  dx = g W + scale (g B) A                   W dequantized again, as bitsandbytes does
               dA = scale (g B)^T x_d,  dB = scale g^T (x_d A^T)
 
-The adapter's rank-r term is computed first and the large product is added to it (``addmm_``):
-cuBLAS reads the term in the large product's epilogue, where a separate addition after it would
-be a pass of its own over the output (about 3% of an 8B step on an H200). ``scale`` is folded
-into B's rows in the compute dtype.
-
-with ``x_d`` the dropped-out input of the adapter (``x`` itself without dropout). On a GPU the
-weight is dequantized by nf4_kernel.py (bitsandbytes' values, in one pass), elsewhere by bitsandbytes. It keeps only
+with ``x_d`` the dropped-out input of the adapter (``x`` itself without dropout). It keeps only
 the inputs and the rank-r product ``x_d A^T``. The adapter's weights stay in fp32 (the optimizer's
 master copy); their gradients are accumulated in fp32 from compute-dtype products.
+
+The adapter's rank-r term is computed first and the large product is added to it (``addmm_``):
+cuBLAS reads the term in the large product's epilogue, where a separate addition after it is a
+pass of its own over the output (those additions were about 5% of an 8B step's GPU time on an
+H200, bench/profile_step.py). ``scale`` is folded into B's rows; A and scale·B are kept in the
+compute dtype between passes (:func:`compute_copies`). On a GPU the weight is dequantized by
+nf4_kernel.py (bitsandbytes' values, in one pass), elsewhere by bitsandbytes.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def compute_copies(module, adapter: str, dtype: torch.dtype) -> tuple[torch.Tens
     """The adapter's A and scale·B in the compute dtype, kept on the module between passes; None
     where the adapter is already in that dtype.
 
-    Cast in every pass, they were two of every three kernels a fused layer launched: on an 8B
-    step, 1,350 of 8,670 kernels (bench/profile_step.py's trace). The copies are refreshed in place
+    Cast in every pass, they were 1,351 of the 8,667 kernels of an 8B step (bench/profile_step.py's
+    trace). The copies are refreshed in place
     when the weights' version counters, their storage or weights_changed()'s generation differ from
     those they were made from, so a CUDA graph that reads them stays valid (refresh_copies)."""
     la, lb = module.lora_A[adapter].weight, module.lora_B[adapter].weight
@@ -195,6 +196,11 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                                   float(self.scaling[adapter]), base.bias, compute_copies(self, adapter, x.dtype))
 
 
+def fused_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The PEFT 4-bit LoRA layers in ``module`` that fuse_lora_layers routed through the fused function."""
+    return [m for m in module.modules() if hasattr(m, "_peft_forward")]
+
+
 def fuse_lora_layers(model) -> int:
     """Route every PEFT 4-bit LoRA layer of ``model`` through :class:`LoRA4bitFunction`; returns the count."""
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
@@ -208,4 +214,4 @@ def fuse_lora_layers(model) -> int:
     return count
 
 
-__all__ = ["LoRA4bitFunction", "compute_copies", "fuse_lora_layers", "refresh_copies", "weights_changed"]
+__all__ = ["LoRA4bitFunction", "compute_copies", "fuse_lora_layers", "fused_layers", "refresh_copies", "weights_changed"]

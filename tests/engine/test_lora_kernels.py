@@ -95,7 +95,7 @@ def test_compute_dtype_copies_follow_the_optimizer(demo_template, monkeypatch):
 
     model, tok = _model(demo_template, torch.bfloat16, fused=True)
     kept = _steps(model, tok, demo_template)
-    fused = [m for m in model.modules() if hasattr(m, "_peft_forward")]
+    fused = lora_kernels.fused_layers(model)
     assert fused and all("_compute_copies" in m.__dict__ for m in fused)
     # the same steps with A and scale·B cast in every pass: the same losses, bit for bit
     monkeypatch.setattr(lora_kernels, "compute_copies", lambda module, adapter, dtype: None)
@@ -108,7 +108,7 @@ def test_compute_dtype_copies_are_refreshed_in_place_when_the_weights_change(dem
     from qlora_studio.engine import lora_kernels
 
     model, _ = _model(demo_template, torch.bfloat16, fused=True)
-    module = next(m for m in model.modules() if hasattr(m, "_peft_forward"))
+    module = lora_kernels.fused_layers(model)[0]
     adapter = module.active_adapters[0]
     la, lb = module.lora_A[adapter].weight, module.lora_B[adapter].weight
     scale = float(module.scaling[adapter])
