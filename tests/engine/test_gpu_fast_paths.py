@@ -143,3 +143,17 @@ def test_nf4_kernel_leaves_fp4_to_bitsandbytes():
 
     packed, state = bnbF.quantize_4bit(torch.randn(128, 256, device="cuda", dtype=torch.bfloat16), quant_type="fp4")
     assert not nf4_kernel.supported(packed, state) and lora_kernels._nf4_kernel(packed, state) is None
+
+
+def test_adapter_gradients_come_out_of_the_product_in_fp32():
+    # torch.mm(..., out_dtype=float32) on this GPU: no compute-dtype result and no cast after it.
+    from qlora_studio.engine import lora_kernels
+
+    torch.manual_seed(0)
+    a = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16)
+    got = lora_kernels._mm_fp32(a, b)
+    assert lora_kernels._FP32_OUT_OFF == [] and got.dtype == torch.float32
+    # fp32 accumulation either way; the cast path rounds the result to bf16 first
+    torch.testing.assert_close(got, (a.float() @ b.float()), rtol=1e-3, atol=1e-2)
+    assert not torch.equal(got, (a @ b).float())
