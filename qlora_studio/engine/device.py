@@ -9,6 +9,21 @@ from ..errors import ConfigError
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def triton_runs(device: torch.device) -> bool:
+    """Whether Triton kernels (the engine's and liger-kernel's) run on ``device``: a CUDA GPU of the
+    Turing generation (sm_75) or newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (7, 5)
+
+
+def kernel_failed(off: list[str], exc: BaseException, logger, message: str) -> None:
+    """An engine Triton kernel failed (to build: it fails before it runs). Record why in ``off``, its
+    module's switch to the fallback for the rest of the run, and warn once with ``message % why``."""
+    from .model import first_line
+
+    off.append(f"{type(exc).__name__}: {first_line(exc)}")
+    logger.warning(message, off[0])
+
+
 def resolve_device(preference: str = "auto") -> torch.device:
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():

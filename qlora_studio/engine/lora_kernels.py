@@ -31,6 +31,8 @@ import types
 
 import torch
 
+from .device import kernel_failed, triton_runs
+
 log = logging.getLogger(__name__)
 
 
@@ -53,17 +55,14 @@ _KERNEL_OFF: list[str] = []  # why the kernel failed, once it has: bitsandbytes'
 
 
 def _kernel_failed(exc: BaseException) -> None:
-    from .model import first_line
-
-    _KERNEL_OFF.append(f"{type(exc).__name__}: {first_line(exc)}")
-    log.warning("the NF4 dequantization kernel failed (%s); bitsandbytes dequantizes the weights from now on "
-                "(the same values, a little slower)", _KERNEL_OFF[0])
+    kernel_failed(_KERNEL_OFF, exc, log, "the NF4 dequantization kernel failed (%s); bitsandbytes dequantizes the "
+                  "weights from now on (the same values, a little slower)")
 
 
 def _nf4_kernel(data: torch.Tensor, state):
     """nf4_kernel.dequantize_nf4 where it runs (a CUDA weight it supports, Triton on a Turing or newer
     GPU, and it has not failed before), else None."""
-    if _KERNEL_OFF or not data.is_cuda or torch.cuda.get_device_capability(data.device) < (7, 5):
+    if _KERNEL_OFF or not triton_runs(data.device):
         return None
     try:
         from . import nf4_kernel

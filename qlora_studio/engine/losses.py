@@ -19,6 +19,8 @@ import logging
 
 import torch
 
+from .device import kernel_failed, triton_runs
+
 log = logging.getLogger(__name__)
 
 CHUNK_TOKENS = 1024
@@ -82,17 +84,14 @@ _KERNEL_OFF: list[str] = []  # why the kernel failed, once it has: the PyTorch o
 
 
 def _kernel_failed(exc: BaseException) -> None:
-    from .model import first_line
-
-    _KERNEL_OFF.append(f"{type(exc).__name__}: {first_line(exc)}")
-    log.warning("the chunked loss's Triton kernel failed (%s); the loss runs as PyTorch operations "
-                "from now on (the same results, a little more memory)", _KERNEL_OFF[0])
+    kernel_failed(_KERNEL_OFF, exc, log, "the chunked loss's Triton kernel failed (%s); the loss runs as PyTorch "
+                  "operations from now on (the same results, a little more memory)")
 
 
 def _kernel(hidden: torch.Tensor):
     """ce_kernel.cross_entropy_rows where it runs (a CUDA tensor, Triton on a Turing or newer GPU,
     and it has not failed before), else None."""
-    if _KERNEL_OFF or not hidden.is_cuda or torch.cuda.get_device_capability(hidden.device) < (7, 5):
+    if _KERNEL_OFF or not triton_runs(hidden.device):
         return None
     try:
         from .ce_kernel import cross_entropy_rows

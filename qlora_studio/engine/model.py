@@ -21,6 +21,7 @@ import torch
 from ..config import ALL_LINEAR, RunConfig
 from ..errors import ModelError
 from ..formats import HUB_ID, expand_user, path_exists
+from .device import triton_runs
 
 log = logging.getLogger(__name__)
 
@@ -379,9 +380,8 @@ def gpu_fast_paths(model, cfg: RunConfig, device: torch.device) -> list[str]:
     from . import offload
 
     used = []
-    # Triton, which liger-kernel's kernels are written in, needs a Turing (sm_75) or newer GPU.
-    triton_ok = torch.cuda.get_device_capability(device) >= (7, 5)
-    if cfg.train.fused_kernels and triton_ok and fused_kernels(model.get_base_model()):
+    # liger-kernel's kernels are written in Triton
+    if cfg.train.fused_kernels and triton_runs(device) and fused_kernels(model.get_base_model()):
         used.append("fused_kernels")
     # Before the checkpoints: offload.mlp_tile weighs the memory the model keeps on the GPU.
     moved = cfg.train.embeddings_on_cpu and offload.embeddings_on_cpu(model.get_base_model())
