@@ -197,7 +197,7 @@ ENGINE_VARIANTS = {
     "engine-loss-torch": {"loss_kernel": False},          # the chunked loss in PyTorch operations, not its Triton kernel
     "engine-mlp-whole": {"mlp_tile_tokens": None},        # a split layer's MLP block on all tokens at once
     "engine-bnb-dequant": {"nf4_kernel": False},          # bitsandbytes' NF4 dequantization, not the engine's kernel
-    "engine-cast-per-pass": {"compute_copies": False},    # the adapters cast to the compute dtype in every pass, no kept copies
+    "engine-ungrouped": {"lora_groups": False},          # q/k/v and gate/up each through their own fused function
     "engine-cupti": {"paging_counters": True},            # with the CUPTI paging counters collecting
     "engine-auto": {"auto": True},                        # the settings it picks by itself for the GPU
 }
@@ -227,10 +227,10 @@ def contender_engine(model_dir: Path, shape: str, steps: int, variant: str = "en
         from qlora_studio.engine import lora_kernels
 
         lora_kernels._nf4_kernel = lambda data, state: None
-    if "compute_copies" in overrides:
+    if "lora_groups" in overrides:
         from qlora_studio.engine import lora_kernels
 
-        lora_kernels.compute_copies = lambda module, adapter, dtype: None
+        lora_kernels.GROUPS = ()
     if "mlp_tile_tokens" in overrides:
         from qlora_studio.engine import offload
 

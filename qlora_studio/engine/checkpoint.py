@@ -20,7 +20,6 @@ import torch
 
 from .. import runs
 from ..errors import UserError
-from .lora_kernels import weights_changed
 
 TMP_PREFIX = ".tmp-"
 
@@ -146,5 +145,4 @@ def load(checkpoint: Path, model, optimizer, scheduler) -> dict[str, Any]:
     extra = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
     scheduler.load_state_dict(extra["scheduler"])
     set_rng_state(extra["rng"])
-    weights_changed()  # the fused layers' compute-dtype copies follow the loaded adapter
     return runs.read_state(checkpoint)

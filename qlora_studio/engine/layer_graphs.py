@@ -50,7 +50,6 @@ from typing import Any
 
 import torch
 
-from .lora_kernels import fused_layers, refresh_copies
 from .offload import tiled_forward
 
 log = logging.getLogger(__name__)
@@ -227,8 +226,6 @@ class LayerGraphs:
     def __init__(self, context: GraphContext, layer: torch.nn.Module):
         self.context = context
         self.layer = layer
-        # the fused LoRA layers in it, whose compute-dtype weight copies the graphs read
-        self.fused = fused_layers(layer)
         self.seen: dict[Any, int] = {}
         self.graphs: dict[Any, torch.cuda.CUDAGraph] = {}
         self.params: list[torch.nn.Parameter] | None = None
@@ -252,7 +249,6 @@ class LayerGraphs:
             torch.cuda.set_rng_state(rng_state, hidden.device)
             if graph is None:
                 return None
-        refresh_copies(self.fused)
         graph.replay()
         return buffers.hidden.clone()
 
@@ -273,7 +269,6 @@ class LayerGraphs:
             if graph is None:
                 return False, None
         self._attach_grads()
-        refresh_copies(self.fused)
         graph.replay()
         return True, (buffers.grad.clone() if hidden.requires_grad else None)
 

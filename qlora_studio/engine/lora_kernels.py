@@ -19,9 +19,13 @@ master copy); their gradients are accumulated in fp32 from compute-dtype product
 The adapter's rank-r term is computed first and the large product is added to it (``addmm_``):
 cuBLAS reads the term in the large product's epilogue, where a separate addition after it is a
 pass of its own over the output (those additions were about 5% of an 8B step's GPU time on an
-H200, bench/profile_step.py). ``scale`` is folded into B's rows; A and scale·B are kept in the
-compute dtype between passes (:func:`compute_copies`). On a GPU the weight is dequantized by
-nf4_kernel.py (bitsandbytes' values, in one pass), elsewhere by bitsandbytes.
+H200, bench/profile_step.py). ``scale`` is folded into B's rows. On a GPU the weight is
+dequantized by nf4_kernel.py (bitsandbytes' values, in one pass), elsewhere by bitsandbytes.
+
+Projections that a model calls on one input, a layer's q/k/v and gate/up (:data:`GROUPS`), are
+computed together by :class:`LoRA4bitGroupFunction` when no dropout applies: one product for all
+their A's, forward and backward, and one input gradient into which every weight's product is
+added, instead of one per projection summed afterwards (:class:`_Group`).
 """
 
 from __future__ import annotations
@@ -87,62 +91,15 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a @ b).float()
 
 
-_GENERATION = [0]  # bumped by weights_changed(): every compute-dtype copy is refreshed at its next use
-
-
-def weights_changed() -> None:
-    """Say that adapter weights may have changed in a way their version counters do not show (the
-    trainer calls it after every optimizer step): the compute-dtype copies are rebuilt at next use."""
-    _GENERATION[0] += 1
-
-
-def compute_copies(module, adapter: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The adapter's A and scale·B in the compute dtype, kept on the module between passes; None
-    where the adapter is already in that dtype.
-
-    Cast in every pass, they were 1,351 of the 8,667 kernels of an 8B step (bench/profile_step.py's
-    trace). The copies are refreshed in place
-    when the weights' version counters, their storage or weights_changed()'s generation differ from
-    those they were made from, so a CUDA graph that reads them stays valid (refresh_copies)."""
-    la, lb = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-    if la.dtype == dtype:
-        return None
-    scale = float(module.scaling[adapter])
-    key = (_GENERATION[0], la._version, lb._version, la.data_ptr(), lb.data_ptr(), scale)
-    copies = module.__dict__.get("_compute_copies")
-    with torch.no_grad():
-        if (copies is None or copies["adapter"] != adapter or copies["a"].dtype != dtype
-                or copies["a"].shape != la.shape or copies["b"].shape != lb.shape or copies["a"].device != la.device):
-            copies = {"a": la.to(dtype, copy=True), "b": torch.mul(lb, scale).to(dtype), "key": key, "adapter": adapter}
-            module._compute_copies = copies
-        elif copies["key"] != key:
-            copies["a"].copy_(la)
-            torch.mul(lb, scale, out=copies["b"])
-            copies["key"] = key
-    return copies["a"], copies["b"]
-
-
-def refresh_copies(modules) -> None:
-    """Bring the compute-dtype copies of these fused layers up to date (before a CUDA graph that
-    reads them replays: the graph holds their addresses, not the casts)."""
-    for module in modules:
-        copies = module.__dict__.get("_compute_copies")
-        if copies is not None:
-            compute_copies(module, copies["adapter"], copies["a"].dtype)
-
-
 class LoRA4bitFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_d, weight, lora_a, lora_b, scale: float, bias, copies=None):
+    def forward(ctx, x, x_d, weight, lora_a, lora_b, scale: float, bias):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xd2 = x_d.reshape(-1, shape[-1])
         dtype = x.dtype
-        if copies is not None:  # compute_copies: A and scale B in the compute dtype
-            a, b = copies
-        else:
-            a = lora_a.to(dtype)
-            b = (lora_b * scale).to(dtype)  # the scale goes into B's rows
+        a = lora_a.to(dtype)
+        b = (lora_b * scale).to(dtype)  # the scale goes into B's rows
         xa = xd2 @ a.t()
         out = xa @ b.t()  # the adapter's term first, then the frozen weight's product is added to it in
         w = _dequantize(weight).to(dtype)  # cuBLAS's epilogue, instead of in a pass of its own over `out`
@@ -177,22 +134,169 @@ class LoRA4bitFunction(torch.autograd.Function):
             grad_x = g @ w
         del w
         grad_bias = g.sum(0) if ctx.has_bias else None
-        return grad_x.view(ctx.shape), grad_xd, None, grad_a, grad_b, None, grad_bias, None
+        return grad_x.view(ctx.shape), grad_xd, None, grad_a, grad_b, None, grad_bias
+
+
+class LoRA4bitGroupFunction(torch.autograd.Function):
+    """Several 4-bit + LoRA projections of one input (a layer's q/k/v, or gate/up), without dropout.
+
+    Each output is what :class:`LoRA4bitFunction` gives for its projection. What the projections
+    share is done once: the product of the input with their A's stacked (one read of the input,
+    forward and backward), and the input's gradient, whose adapter terms are one product and to
+    which each frozen weight's product is added in cuBLAS's epilogue (no sum of separate gradients
+    afterwards). ``layout`` holds, per projection, its 4-bit weight, scale and rank; ``params`` its
+    A, B and bias (None) in turn.
+    """
+
+    @staticmethod
+    def forward(ctx, x, layout, *params):
+        ctx.set_materialize_grads(False)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        dtype = x.dtype
+        a_all = torch.cat(params[0::3]).to(dtype)  # the A's stacked: (sum of ranks, in)
+        xa = x2 @ a_all.t()
+        outs, bs, start = [], [], 0
+        for (weight, scale, rank), lora_b, bias in zip(layout, params[1::3], params[2::3]):
+            b = (lora_b * scale).to(dtype)
+            out = xa[:, start:start + rank] @ b.t()  # the adapter's term, then the weight's product added in
+            w = _dequantize(weight).to(dtype)
+            out.addmm_(x2, w.t())
+            del w
+            if bias is not None:
+                out += bias.to(dtype)
+            outs.append(out.view(*shape[:-1], out.shape[-1]))
+            bs.append(b)
+            start += rank
+        ctx.save_for_backward(x2, xa, a_all, *bs)
+        ctx.layout = layout
+        ctx.shape = shape
+        ctx.has_bias = [bias is not None for bias in params[2::3]]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2, xa, a_all, *bs = ctx.saved_tensors
+        dtype, tokens = x2.dtype, x2.shape[0]
+        gs, gbs, result, start = [], [], [], 0
+        for (weight, scale, rank), b, grad, has_bias in zip(ctx.layout, bs, grads, ctx.has_bias):
+            if grad is None:  # an output that nothing used
+                gs.append(None)
+                gbs.append(x2.new_zeros(tokens, rank))
+                result += [torch.zeros_like(a_all[start:start + rank], dtype=torch.float32),
+                           torch.zeros(b.shape, dtype=torch.float32, device=b.device), None]
+            else:
+                g = grad.reshape(-1, grad.shape[-1]).to(dtype)
+                gs.append(g)
+                gbs.append(g @ b)  # scale (g B)
+                grad_b = _mm_fp32(g.t(), xa[:, start:start + rank]).mul_(scale)
+                result += [None, grad_b, g.sum(0) if has_bias else None]
+            start += rank
+        gb = torch.cat(gbs, dim=1)
+        grad_a = _mm_fp32(gb.t(), x2)  # every A's gradient in one product, row blocks of it
+        start = 0
+        for i, (_, _, rank) in enumerate(ctx.layout):
+            if result[3 * i] is None:
+                result[3 * i] = grad_a[start:start + rank]
+            start += rank
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = gb @ a_all  # the adapters' terms, then each weight's product added in
+            for (weight, _, _), g in zip(ctx.layout, gs):
+                if g is not None:
+                    w = _dequantize(weight).to(dtype)
+                    grad_x.addmm_(g, w)
+                    del w
+            grad_x = grad_x.view(ctx.shape)
+        return (grad_x, None, *result)
+
+
+def _active_adapter(module, training: bool) -> tuple[str | None, bool]:
+    """(the one plain LoRA adapter the fused function computes for ``module``, or None; whether it
+    drops out part of its input)."""
+    adapter = module.active_adapters[0] if len(module.active_adapters) == 1 else None
+    if (module.disable_adapters or module.merged or adapter is None or adapter not in module.lora_A
+            or adapter in getattr(module, "lora_variant", {})
+            # bitsandbytes repacks weights for its CPU inference kernel; only its own path reads that layout.
+            or getattr(module.base_layer.weight.quant_state, "packing_format_for_cpu", False)):
+        return None, False
+    dropout = module.lora_dropout[adapter]
+    return adapter, isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and training
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Replaces a PEFT ``lora.bnb.Linear4bit`` forward when one plain LoRA adapter is active."""
-    adapter = self.active_adapters[0] if len(self.active_adapters) == 1 else None
-    if (self.disable_adapters or self.merged or adapter is None or adapter not in self.lora_A
-            or adapter in getattr(self, "lora_variant", {}) or kwargs.get("adapter_names") is not None
-            # bitsandbytes repacks weights for its CPU inference kernel; only its own path reads that layout.
-            or getattr(self.base_layer.weight.quant_state, "packing_format_for_cpu", False)):
+    if kwargs.get("adapter_names") is not None:
         return self._peft_forward(x, *args, **kwargs)
-    dropout = self.lora_dropout[adapter]
-    x_d = dropout(x) if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and self.training else x
+    group = self.__dict__.get("_lora_group")
+    if group is not None:
+        out = group.output(self, x)
+        if out is not None:
+            return out
+    adapter, drops = _active_adapter(self, self.training)
+    if adapter is None:
+        return self._peft_forward(x, *args, **kwargs)
+    x_d = self.lora_dropout[adapter](x) if drops else x
     base = self.base_layer
     return LoRA4bitFunction.apply(x, x_d, base.weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                                  float(self.scaling[adapter]), base.bias, compute_copies(self, adapter, x.dtype))
+                                  float(self.scaling[adapter]), base.bias)
+
+
+#: sibling projections that read one input in the models transformers has (Llama, Mistral, Qwen, Gemma, ...)
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+#: a group whose outputs were computed this many times for an input its other members were not called
+#: with goes back to one projection at a time
+GROUP_MISSES = 3
+
+
+class _Group:
+    """Fused LoRA layers that a model calls one after another on the same input tensor.
+
+    The first member called computes every member's output (:class:`LoRA4bitGroupFunction`) and
+    the others take theirs when they are called with that same tensor, unchanged. A member called
+    with another input drops what was left over; after :data:`GROUP_MISSES` such calls the group is
+    turned off and each member computes its own output again.
+    """
+
+    def __init__(self, name: str, members: list[torch.nn.Module]):
+        self.name = name
+        self.members = members
+        self.left: dict[int, torch.Tensor] = {}  # outputs not taken yet, by member index
+        self.input: tuple[torch.Tensor, int] | None = None  # the input they were computed from, its version
+        self.misses = 0
+        self.off = False
+
+    def output(self, member: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """``member``'s output for ``x`` from the group's function, or None: compute it alone."""
+        index = self.members.index(member)
+        if self.left:
+            if self.input[0] is x and self.input[1] == x._version and index in self.left:
+                out = self.left.pop(index)
+                if not self.left:
+                    self.input = None
+                return out
+            self.left, self.input = {}, None
+            self.misses += 1
+            if self.misses >= GROUP_MISSES:
+                self.off = True
+                log.info("%s: the model does not call these projections on one input; each computes its own", self.name)
+        if self.off or not torch.is_tensor(x):
+            return None
+        adapters = {_active_adapter(m, m.training) for m in self.members}
+        if len(adapters) != 1:
+            return None
+        name, drops = adapters.pop()
+        if name is None or drops:  # no plain adapter, or dropout (its own mask per projection): one at a time
+            return None
+        layout, params = [], []
+        for m in self.members:
+            a = m.lora_A[name].weight
+            layout.append((m.base_layer.weight, float(m.scaling[name]), a.shape[0]))
+            params += [a, m.lora_B[name].weight, m.base_layer.bias]
+        outs = LoRA4bitGroupFunction.apply(x, tuple(layout), *params)
+        self.left = {i: out for i, out in enumerate(outs) if i != index}
+        self.input = (x, x._version)
+        return outs[index]
 
 
 def fused_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -200,8 +304,9 @@ def fused_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in module.modules() if hasattr(m, "_peft_forward")]
 
 
-def fuse_lora_layers(model) -> int:
-    """Route every PEFT 4-bit LoRA layer of ``model`` through :class:`LoRA4bitFunction`; returns the count."""
+def fuse_lora_layers(model, group: bool = True) -> int:
+    """Route every PEFT 4-bit LoRA layer of ``model`` through :class:`LoRA4bitFunction`, and, with
+    ``group``, the siblings of :data:`GROUPS` through :class:`LoRA4bitGroupFunction`; returns the count."""
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 
     count = 0
@@ -210,7 +315,27 @@ def fuse_lora_layers(model) -> int:
             module._peft_forward = module.forward
             module.forward = types.MethodType(_fused_forward, module)
             count += 1
+    if group:
+        for parent_name, parent in model.named_modules():
+            for names in GROUPS:
+                members = [getattr(parent, n, None) for n in names]
+                members = [m for m in members if m is not None and hasattr(m, "_peft_forward")
+                           and "_lora_group" not in m.__dict__]
+                if len(members) > 1:
+                    shared = _Group(f"{parent_name}.{'/'.join(names)}", members)
+                    for m in members:
+                        m.__dict__["_lora_group"] = shared
     return count
 
 
-__all__ = ["LoRA4bitFunction", "compute_copies", "fuse_lora_layers", "fused_layers", "refresh_copies", "weights_changed"]
+def lora_groups(module: torch.nn.Module) -> list[_Group]:
+    """The groups of fused LoRA layers in ``module`` (fuse_lora_layers)."""
+    seen: dict[int, _Group] = {}
+    for m in module.modules():
+        group = m.__dict__.get("_lora_group")
+        if group is not None:
+            seen.setdefault(id(group), group)
+    return list(seen.values())
+
+
+__all__ = ["GROUPS", "LoRA4bitFunction", "LoRA4bitGroupFunction", "fuse_lora_layers", "fused_layers", "lora_groups"]

@@ -32,7 +32,7 @@ from ..events import EventWriter
 from ..monitor.paging import paged_state_bytes
 from . import checkpoint as ckpt
 from . import device as devices
-from . import lora_kernels, offload
+from . import offload
 from .data import IGNORE, Batcher, Dataset, collate, load_dataset
 from .losses import frozen_head_cross_entropy
 from .model import load_model
@@ -227,7 +227,6 @@ def update(params: list[torch.nn.Parameter], optimizer, scheduler, cfg: RunConfi
     lr = scheduler.get_last_lr()[0]
     with phase("optimizer"):
         optimizer.step()
-    lora_kernels.weights_changed()  # the fused layers' compute-dtype copies follow at their next use
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     return float(grad_norm), lr

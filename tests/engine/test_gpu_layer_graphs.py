@@ -165,8 +165,8 @@ def test_an_mlp_in_token_ranges_gives_the_losses_and_gradients_of_the_whole(demo
 
 
 def test_replays_after_optimizer_steps_read_the_updated_adapters(demo_template):
-    # The graphs hold the addresses of the fused layers' compute-dtype adapter copies
-    # (lora_kernels.compute_copies): the replays of steps 3 and 4 must see the optimizer's updates.
+    # The graphs read the adapters' weights where they are: the replays of steps 3 and 4 must see
+    # the optimizer's updates.
     from qlora_studio import config as C
     from qlora_studio.engine.trainer import loss_sum, update
 

@@ -90,41 +90,73 @@ def _steps(model, tok, demo_template, steps: int = 3) -> list[float]:
     return losses
 
 
-def test_compute_dtype_copies_follow_the_optimizer(demo_template, monkeypatch):
+def _count_calls(monkeypatch, cls) -> list:
+    calls = []
+    apply = cls.apply
+    monkeypatch.setattr(cls, "apply", lambda *args: calls.append(1) or apply(*args))
+    return calls
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_grouped_projections_give_what_each_alone_gives(demo_template, monkeypatch, dtype, rtol):
     from qlora_studio.engine import lora_kernels
 
-    model, tok = _model(demo_template, torch.bfloat16, fused=True)
-    kept = _steps(model, tok, demo_template)
-    fused = lora_kernels.fused_layers(model)
-    assert fused and all("_compute_copies" in m.__dict__ for m in fused)
-    # the same steps with A and scale·B cast in every pass: the same losses, bit for bit
-    monkeypatch.setattr(lora_kernels, "compute_copies", lambda module, adapter, dtype: None)
-    model, tok = _model(demo_template, torch.bfloat16, fused=True)
-    assert _steps(model, tok, demo_template) == kept
-    assert len(set(kept)) == len(kept)  # the updates changed what the steps computed
+    model, tok = _model(demo_template, dtype, fused=True)
+    groups = lora_kernels.lora_groups(model)
+    layers = model.config.num_hidden_layers
+    assert sorted(len(g.members) for g in groups) == [2] * layers + [3] * layers  # gate/up and q/k/v
+    calls = _count_calls(monkeypatch, lora_kernels.LoRA4bitGroupFunction)
+    loss, grads = _grads(model, tok, demo_template)
+    assert len(calls) == 2 * layers and not any(g.left for g in groups)  # every output taken
+    monkeypatch.setattr(lora_kernels, "GROUPS", ())
+    alone, tok = _model(demo_template, dtype, fused=True)
+    assert not lora_kernels.lora_groups(alone)
+    loss_1, grads_1 = _grads(alone, tok, demo_template)
+    assert len(calls) == 2 * layers
+    torch.testing.assert_close(loss, loss_1, rtol=rtol / 10, atol=1e-4)
+    assert grads.keys() == grads_1.keys()
+    for name in grads:
+        assert (grads[name] - grads_1[name]).norm() <= rtol * grads_1[name].norm() + 1e-6, name
 
 
-def test_compute_dtype_copies_are_refreshed_in_place_when_the_weights_change(demo_template):
+def test_group_members_called_on_other_inputs_compute_their_own(demo_template):
     from qlora_studio.engine import lora_kernels
 
-    model, _ = _model(demo_template, torch.bfloat16, fused=True)
-    module = lora_kernels.fused_layers(model)[0]
-    adapter = module.active_adapters[0]
-    la, lb = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-    scale = float(module.scaling[adapter])
-    a, b = lora_kernels.compute_copies(module, adapter, torch.bfloat16)
-    assert a.dtype == torch.bfloat16 and torch.equal(a, la.to(torch.bfloat16))
-    assert torch.equal(b, (lb * scale).to(torch.bfloat16))
-    assert lora_kernels.compute_copies(module, adapter, torch.float32) is None  # the adapter's own dtype
+    model, _ = _model(demo_template, torch.float32, fused=True)
+    group = next(g for g in lora_kernels.lora_groups(model) if len(g.members) == 3)
+    q, k, v = group.members
+    hidden = q.base_layer.in_features
+    torch.manual_seed(2)
+    x1, x2 = torch.randn(2, 5, hidden), torch.randn(2, 5, hidden)
     with torch.no_grad():
-        la.add_(1.0)  # an in-place change: its version counter moves
-    a2, b2 = lora_kernels.compute_copies(module, adapter, torch.bfloat16)
-    assert a2 is a and b2 is b and torch.equal(a, la.to(torch.bfloat16))  # the same tensors, new values
-    lb.data.mul_(2.0)  # a change through .data, which no version counter sees
-    assert not torch.equal(lora_kernels.compute_copies(module, adapter, torch.bfloat16)[1], (lb * scale).to(torch.bfloat16))
-    lora_kernels.weights_changed()
-    assert torch.equal(lora_kernels.compute_copies(module, adapter, torch.bfloat16)[1], (lb * scale).to(torch.bfloat16))
-    lb.data.mul_(2.0)
-    lora_kernels.weights_changed()
-    lora_kernels.refresh_copies([module])  # what a CUDA graph's replay does first
-    assert torch.equal(module._compute_copies["b"], (lb * scale).to(torch.bfloat16))
+        group.off = True  # each projection alone: the reference
+        alone = {(m, i): m(x) for m in (q, k, v) for i, x in ((1, x1), (2, x2))}
+        group.off = False
+        assert torch.equal(q(x1), alone[q, 1]) and set(group.left) == {1, 2}
+        assert torch.equal(k(x2), alone[k, 2])  # another input: what was left for x1 is dropped
+        assert group.misses == 1 and group.input[0] is x2 and set(group.left) == {0, 2}
+        assert torch.equal(v(x2), alone[v, 2]) and torch.equal(q(x2), alone[q, 2]) and not group.left
+        k(x1)
+        x1.add_(1.0)  # changed in place: q and v must not take outputs of its old values
+        x1_changed = x1.clone()
+        group.off = True
+        expected = v(x1_changed)
+        group.off = False
+        assert torch.equal(v(x1), expected) and group.misses == 2
+        q(x2)
+        assert group.misses == lora_kernels.GROUP_MISSES and group.off and not group.left
+        assert torch.equal(k(x2), alone[k, 2])  # from now on each computes its own
+
+
+def test_dropout_keeps_each_projection_apart(demo_template, monkeypatch):
+    from qlora_studio.engine import lora_kernels
+
+    model, tok = _model(demo_template, torch.float32, fused=True, dropout=0.1)
+    grouped = _count_calls(monkeypatch, lora_kernels.LoRA4bitGroupFunction)
+    alone = _count_calls(monkeypatch, lora_kernels.LoRA4bitFunction)
+    _grads(model, tok, demo_template)  # training: each projection draws its own dropout mask
+    assert not grouped and len(alone) == 7 * model.config.num_hidden_layers
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 900, (1, 8)))  # no dropout in evaluation: grouped again
+    assert len(grouped) == 2 * model.config.num_hidden_layers
