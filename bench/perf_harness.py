@@ -198,6 +198,7 @@ ENGINE_VARIANTS = {
     "engine-mlp-whole": {"mlp_tile_tokens": None},        # a split layer's MLP block on all tokens at once
     "engine-bnb-dequant": {"nf4_kernel": False},          # bitsandbytes' NF4 dequantization, not the engine's kernel
     "engine-ungrouped": {"lora_groups": False},          # q/k/v and gate/up each through their own fused function
+    "engine-dequant-again": {"keep_weights": False},      # backward dequantizes every weight again, none kept from recomputation
     "engine-cupti": {"paging_counters": True},            # with the CUPTI paging counters collecting
     "engine-auto": {"auto": True},                        # the settings it picks by itself for the GPU
 }
@@ -227,6 +228,10 @@ def contender_engine(model_dir: Path, shape: str, steps: int, variant: str = "en
         from qlora_studio.engine import lora_kernels
 
         lora_kernels._nf4_kernel = lambda data, state: None
+    if "keep_weights" in overrides:
+        from qlora_studio.engine import offload
+
+        offload.keep_weights = lambda modules: 0
     if "lora_groups" in overrides:
         from qlora_studio.engine import lora_kernels
 

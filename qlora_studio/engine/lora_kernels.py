@@ -93,7 +93,7 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class LoRA4bitFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, x_d, weight, lora_a, lora_b, scale: float, bias):
+    def forward(ctx, x, x_d, weight, lora_a, lora_b, scale: float, bias, keep_weight: bool = False):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xd2 = x_d.reshape(-1, shape[-1])
@@ -104,6 +104,7 @@ class LoRA4bitFunction(torch.autograd.Function):
         out = xa @ b.t()  # the adapter's term first, then the frozen weight's product is added to it in
         w = _dequantize(weight).to(dtype)  # cuBLAS's epilogue, instead of in a pass of its own over `out`
         out.addmm_(x2, w.t())
+        ctx.kept = [w] if keep_weight else None  # for backward, instead of dequantizing it again there
         del w
         if bias is not None:
             out += bias.to(dtype)
@@ -127,14 +128,14 @@ class LoRA4bitFunction(torch.autograd.Function):
             grad_x = gb @ a  # the adapter's term first, as in forward
         else:
             grad_xd = (gb @ a).view(ctx.shape)
-        w = _dequantize(ctx.weight).to(g.dtype)
+        w = _weight(ctx.weight, ctx.kept, 0, g.dtype)
         if ctx.same_input:
             grad_x.addmm_(g, w)
         else:
             grad_x = g @ w
         del w
         grad_bias = g.sum(0) if ctx.has_bias else None
-        return grad_x.view(ctx.shape), grad_xd, None, grad_a, grad_b, None, grad_bias
+        return grad_x.view(ctx.shape), grad_xd, None, grad_a, grad_b, None, grad_bias, None
 
 
 class LoRA4bitGroupFunction(torch.autograd.Function):
@@ -144,8 +145,8 @@ class LoRA4bitGroupFunction(torch.autograd.Function):
     share is done once: the product of the input with their A's stacked (one read of the input,
     forward and backward), and the input's gradient, whose adapter terms are one product and to
     which each frozen weight's product is added in cuBLAS's epilogue (no sum of separate gradients
-    afterwards). ``layout`` holds, per projection, its 4-bit weight, scale and rank; ``params`` its
-    A, B and bias (None) in turn.
+    afterwards). ``layout`` holds, per projection, its 4-bit weight, scale, rank and whether its
+    dequantized weight is kept for backward (keep_weights); ``params`` its A, B and bias (None) in turn.
     """
 
     @staticmethod
@@ -156,12 +157,13 @@ class LoRA4bitGroupFunction(torch.autograd.Function):
         dtype = x.dtype
         a_all = torch.cat(params[0::3]).to(dtype)  # the A's stacked: (sum of ranks, in)
         xa = x2 @ a_all.t()
-        outs, bs, start = [], [], 0
-        for (weight, scale, rank), lora_b, bias in zip(layout, params[1::3], params[2::3]):
+        outs, bs, kept, start = [], [], [], 0
+        for (weight, scale, rank, keep), lora_b, bias in zip(layout, params[1::3], params[2::3]):
             b = (lora_b * scale).to(dtype)
             out = xa[:, start:start + rank] @ b.t()  # the adapter's term, then the weight's product added in
             w = _dequantize(weight).to(dtype)
             out.addmm_(x2, w.t())
+            kept.append(w if keep else None)
             del w
             if bias is not None:
                 out += bias.to(dtype)
@@ -169,6 +171,7 @@ class LoRA4bitGroupFunction(torch.autograd.Function):
             bs.append(b)
             start += rank
         ctx.save_for_backward(x2, xa, a_all, *bs)
+        ctx.kept = kept
         ctx.layout = layout
         ctx.shape = shape
         ctx.has_bias = [bias is not None for bias in params[2::3]]
@@ -179,7 +182,7 @@ class LoRA4bitGroupFunction(torch.autograd.Function):
         x2, xa, a_all, *bs = ctx.saved_tensors
         dtype, tokens = x2.dtype, x2.shape[0]
         gs, gbs, result, start = [], [], [], 0
-        for (weight, scale, rank), b, grad, has_bias in zip(ctx.layout, bs, grads, ctx.has_bias):
+        for (weight, scale, rank, _), b, grad, has_bias in zip(ctx.layout, bs, grads, ctx.has_bias):
             if grad is None:  # an output that nothing used
                 gs.append(None)
                 gbs.append(x2.new_zeros(tokens, rank))
@@ -195,19 +198,20 @@ class LoRA4bitGroupFunction(torch.autograd.Function):
         gb = torch.cat(gbs, dim=1)
         grad_a = _mm_fp32(gb.t(), x2)  # every A's gradient in one product, row blocks of it
         start = 0
-        for i, (_, _, rank) in enumerate(ctx.layout):
+        for i, (_, _, rank, _) in enumerate(ctx.layout):
             if result[3 * i] is None:
                 result[3 * i] = grad_a[start:start + rank]
             start += rank
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = gb @ a_all  # the adapters' terms, then each weight's product added in
-            for (weight, _, _), g in zip(ctx.layout, gs):
+            for i, ((weight, _, _, _), g) in enumerate(zip(ctx.layout, gs)):
                 if g is not None:
-                    w = _dequantize(weight).to(dtype)
+                    w = _weight(weight, ctx.kept, i, dtype)
                     grad_x.addmm_(g, w)
                     del w
             grad_x = grad_x.view(ctx.shape)
+        ctx.kept = None
         return (grad_x, None, *result)
 
 
@@ -239,7 +243,39 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     x_d = self.lora_dropout[adapter](x) if drops else x
     base = self.base_layer
     return LoRA4bitFunction.apply(x, x_d, base.weight, self.lora_A[adapter].weight, self.lora_B[adapter].weight,
-                                  float(self.scaling[adapter]), base.bias)
+                                  float(self.scaling[adapter]), base.bias, _keeps_weight(self, x))
+
+
+def keep_weights(modules) -> int:
+    """Have these fused layers keep their dequantized weight from a forward pass that records
+    gradients to its backward, instead of dequantizing it again there; returns how many.
+
+    For a checkpointed block's recomputation, which is followed at once by the block's backward
+    (offload.split_layer): its last projection's weight is then needed first, and kept costs no
+    memory beyond what the backward's own dequantization takes at that point; the attention
+    block's q/k/v weights (48 MB for an 8B layer) are kept through the attention's backward. A
+    first forward pass under checkpointing records no gradients and keeps nothing.
+    """
+    count = 0
+    for m in modules:
+        if hasattr(m, "_peft_forward"):
+            m.__dict__["_keep_weight"] = True
+            count += 1
+    return count
+
+
+def _keeps_weight(module, x: torch.Tensor) -> bool:
+    """Whether ``module`` keeps its weight for this pass's backward: only that of an input that
+    needs a gradient uses it."""
+    return module.__dict__.get("_keep_weight", False) and torch.is_grad_enabled() and x.requires_grad
+
+
+def _weight(weight, kept: list | None, index: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dequantized weight for backward: the one forward kept (handed over once), else dequantized again."""
+    if kept is not None and kept[index] is not None:
+        w, kept[index] = kept[index], None
+        return w
+    return _dequantize(weight).to(dtype)
 
 
 #: sibling projections that read one input in the models transformers has (Llama, Mistral, Qwen, Gemma, ...)
@@ -291,7 +327,7 @@ class _Group:
         layout, params = [], []
         for m in self.members:
             a = m.lora_A[name].weight
-            layout.append((m.base_layer.weight, float(m.scaling[name]), a.shape[0]))
+            layout.append((m.base_layer.weight, float(m.scaling[name]), a.shape[0], _keeps_weight(m, x)))
             params += [a, m.lora_B[name].weight, m.base_layer.bias]
         outs = LoRA4bitGroupFunction.apply(x, tuple(layout), *params)
         self.left = {i: out for i, out in enumerate(outs) if i != index}
@@ -338,4 +374,5 @@ def lora_groups(module: torch.nn.Module) -> list[_Group]:
     return list(seen.values())
 
 
-__all__ = ["GROUPS", "LoRA4bitFunction", "LoRA4bitGroupFunction", "fuse_lora_layers", "fused_layers", "lora_groups"]
+__all__ = ["GROUPS", "LoRA4bitFunction", "LoRA4bitGroupFunction", "fuse_lora_layers", "fused_layers", "keep_weights",
+           "lora_groups"]

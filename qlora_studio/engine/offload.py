@@ -22,6 +22,8 @@ import weakref
 
 import torch
 
+from .lora_kernels import keep_weights
+
 _streams: dict[int, torch.cuda.Stream] = {}
 #: the MLP block of a split layer runs on at most this many tokens at a time (token_tiles) ...
 MLP_TILE_TOKENS = 2048
@@ -352,6 +354,9 @@ def split_layer(layer: torch.nn.Module, graphs_for=lambda module: None, tile: in
 
     norm1.forward, norm2.forward = passing(norm1_forward), passing(norm2_forward)
     attn.forward, mlp.forward = attn_checkpointed, mlp_checkpointed
+    # Backward recomputes a block and differentiates it at once: the attention block's projections
+    # and the MLP's last one keep their dequantized weight from the one to the other.
+    keep_weights([m for m in attn.modules()] + [m for m in (getattr(mlp, "down_proj", None),) if m is not None])
     return True
 
 

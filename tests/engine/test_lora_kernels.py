@@ -160,3 +160,26 @@ def test_dropout_keeps_each_projection_apart(demo_template, monkeypatch):
     with torch.no_grad():
         model(input_ids=torch.randint(3, 900, (1, 8)))  # no dropout in evaluation: grouped again
     assert len(grouped) == 2 * model.config.num_hidden_layers
+
+
+def test_kept_weights_serve_the_backward_and_change_nothing(demo_template, monkeypatch):
+    from qlora_studio.engine import lora_kernels
+
+    model, tok = _model(demo_template, torch.float32, fused=True)
+    dequantize = lora_kernels._dequantize
+    calls = []
+    monkeypatch.setattr(lora_kernels, "_dequantize", lambda weight: calls.append(1) or dequantize(weight))
+    loss, grads = _grads(model, tok, demo_template)
+    plain = len(calls)
+    model.zero_grad(set_to_none=True)
+    fused = lora_kernels.fused_layers(model)
+    assert lora_kernels.keep_weights(fused) == len(fused) == 7 * model.config.num_hidden_layers
+    calls.clear()
+    loss_kept, grads_kept = _grads(model, tok, demo_template)
+    # each backward that computes its input's gradient took the weight from forward
+    assert len(calls) == len(fused) < plain
+    assert torch.equal(loss_kept, loss) and all(torch.equal(grads_kept[n], grads[n]) for n in grads)
+    calls.clear()
+    with torch.no_grad():  # a forward pass that records no gradients keeps nothing
+        model(input_ids=torch.randint(3, 900, (1, 8)))
+    assert len(calls) == len(fused)
