@@ -495,7 +495,8 @@ class _StepSimulation:
 
     It mirrors transformers' Llama-style decoder layer; the adapter layer, either the engine's
     fused ``lora_kernels.LoRA4bitFunction`` (compute dtype; keeps the adapter's input, the rank-r
-    product and the adapter weights cast to the compute dtype) or PEFT's ``lora.bnb.Linear4bit``
+    product and the adapter weights cast to the compute dtype in each pass) or PEFT's
+    ``lora.bnb.Linear4bit``
     (the base output cloned, the input cast to fp32 per adapter, dropout, lora_A, lora_B,
     scaling, cast back, add); bitsandbytes' ``MatMul4Bit``, which saves no input and dequantizes
     its weight for the input gradient; PyTorch's non-reentrant activation checkpointing, which
@@ -610,20 +611,32 @@ class _StepSimulation:
             x_d, mask = self._dropout(lin.in_features, c, input_grad)
         else:
             x_d = x
-        # the adapter's weights in the compute dtype: kept copies (counted with the adapters at load)
-        # or, for an fp32 computation, scale·B made in each pass
-        b = None if _compute_copy_bytes(self.s) else tl.alloc(c * lin.out_features * r)
+        a = self._cast(r * lin.in_features)  # A in the compute dtype, cast in each pass
+        b = self._scaled_b(lin)
         xa = tl.alloc(c * r * t)
         out = tl.alloc(c * lin.out_features * t)  # the adapter's term, then the weight's product added in
         w = self._dequantized_weight(lin)
         tl.free(w)
-        for handle in (x_d, xa, b):
+        for handle in (x_d, xa, a, b):
             if handle is not None:
                 tl.keep(handle)
-        tl.free(xa, b, x_d if x_d != x else None)
+        tl.free(xa, a, b, x_d if x_d != x else None)
         if last:  # the recomputation stops when the function's saved tensors are packed
             out = self._replace(out, None)
-        return out, self._saved({"x_d": x_d, "xa": xa, "b": b, "mask": mask}, keep)
+        return out, self._saved({"x_d": x_d, "xa": xa, "a": a, "b": b, "mask": mask}, keep)
+
+    def _cast(self, elements: int, made: int | None = None) -> int | None:
+        """``.to(dtype)`` of an fp32 tensor of ``elements`` values: a new tensor in the compute dtype,
+        then ``made`` (the fp32 tensor the pass made for it, if any) goes; for an fp32 computation
+        the tensor itself (None for a parameter: nothing new)."""
+        if self.c == LORA_BYTES:
+            return made
+        return self._replace(made, self.tl.alloc(self.c * elements))
+
+    def _scaled_b(self, lin: Linear) -> int | None:
+        """``(lora_b * scale).to(dtype)``: the fp32 product, then its cast."""
+        elements = lin.out_features * self.shape.r
+        return self._cast(elements, self.tl.alloc(LORA_BYTES * elements))
 
     def _saved(self, saved: dict[str, int | None], keep: bool) -> dict[str, int]:
         """The tensors autograd keeps; a checkpointed forward keeps none of them."""
@@ -1545,23 +1558,12 @@ def _load_weights(tl: _Timeline, info: ModelInfo, targets: tuple[Linear, ...], s
     tl.alloc(c * rest, "weights_16bit")
     if info.head_params:
         tl.alloc(c * info.head_params, "weights_16bit")
-    copies = _compute_copy_bytes(s)
     for lin in targets:
         for _ in range(lin.count):
             tl.alloc(LORA_BYTES * s["lora_r"] * lin.in_features, "lora")
             tl.alloc(LORA_BYTES * s["lora_r"] * lin.out_features, "lora")
-            if copies:  # lora_kernels.compute_copies: A and scale·B in the compute dtype, kept between passes
-                tl.alloc(copies * s["lora_r"] * lin.in_features, "lora_copies")
-                tl.alloc(copies * s["lora_r"] * lin.out_features, "lora_copies")
     if s["embeddings_on_cpu"]:  # gpu_fast_paths moves it once the model is built; its block stays cached
         tl.free(embedding)
-
-
-def _compute_copy_bytes(s: dict[str, Any]) -> int:
-    """Bytes per value of the fused layers' compute-dtype adapter copies (0: none, the adapter
-    computes in its own fp32)."""
-    c = DTYPE_BYTES[s["compute_dtype"]]
-    return c if s["fused_lora"] and c != LORA_BYTES else 0
 
 
 def _reserved(events: list[tuple[int, int, int]]) -> int:
@@ -1649,7 +1651,6 @@ LABELS = {
     "quant_constants": "4-bit constants (absmax, double quantization)",
     "weights_16bit": "16-bit weights (embeddings, output head, norms)",
     "lora": "LoRA parameters (fp32)",
-    "lora_copies": "LoRA weights in the compute dtype (kept between passes)",
     "gradients": "LoRA gradients (fp32)",
     "optimizer": "optimizer states on the GPU",
     "activations": "activations saved for backward",
@@ -1696,9 +1697,7 @@ def _simulate(info: ModelInfo, s: dict[str, Any], replay: bool) -> Estimate:
     else:
         tl = _Timeline({
             "weights_4bit": q.packed, "quant_constants": q.constants, "weights_16bit": c * sixteen_bit,
-            "lora": sum(_granule(LORA_BYTES * n) for n in sizes),
-            "lora_copies": sum(_granule(copy_bytes * n) for n in sizes) if (copy_bytes := _compute_copy_bytes(s)) else 0,
-            "optimizer": opt.device,
+            "lora": sum(_granule(LORA_BYTES * n) for n in sizes), "optimizer": opt.device,
         }, granule=granule)
     sim = _StepSimulation(info, targets, shape, s, tl)
     if cuda and not sim.graphs:  # cuBLAS's workspaces, from the first products of forward and backward on

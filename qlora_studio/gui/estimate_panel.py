@@ -17,7 +17,7 @@ GiB = 1024**3
 #: Colours of the breakdown's parts, grouped as a person thinks of them.
 GROUPS = (
     ("model weights", "#3b6ea8", ("weights_4bit", "quant_constants", "weights_16bit")),
-    ("LoRA and optimizer", "#5aa05a", ("lora", "lora_copies", "gradients", "optimizer")),
+    ("LoRA and optimizer", "#5aa05a", ("lora", "gradients", "optimizer")),
     ("activations", "#d08a2c", ("activations",)),
     ("logits and loss", "#b5473a", ("loss",)),
     ("working memory", "#8c6bb1", ("work", "graphs")),  # the CUDA graphs' pool holds the passes' temporaries

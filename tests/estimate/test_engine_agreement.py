@@ -66,7 +66,7 @@ def test_simulated_step_matches_the_engine(tmp_path, case):
         accumulate(model, batches, cfg, torch.device("cpu"))
 
     est = E.estimate(read_model_config(str(folder)), cfg, device="cpu", suggest=False)
-    loaded = sum(est.item(k) for k in ("weights_4bit", "quant_constants", "weights_16bit", "lora", "lora_copies", "optimizer"))
+    loaded = sum(est.item(k) for k in ("weights_4bit", "quant_constants", "weights_16bit", "lora", "optimizer"))
     predicted = est.allocated - loaded
     assert predicted == pytest.approx(tracker.peak, rel=TOLERANCE), (
         f"{case}: the engine's step peaked at {tracker.peak / 2**20:.2f} MiB, the estimate says "

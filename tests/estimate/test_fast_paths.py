@@ -13,7 +13,7 @@ from qlora_studio.engine import modelinfo
 from .shapes import LLAMA_1B, LLAMA_8B, run_config
 
 OFF = {"offload_checkpoints": False, "embeddings_on_cpu": False, "fused_kernels": False}
-LOADED = ("weights_4bit", "quant_constants", "weights_16bit", "lora", "lora_copies", "optimizer", "gradients")
+LOADED = ("weights_4bit", "quant_constants", "weights_16bit", "lora", "optimizer", "gradients")
 
 
 def point(model=LLAMA_8B, *, layers=None, seq=2048, liger=True, device="cuda", quant_type="nf4", **train):
