@@ -638,6 +638,13 @@ class _StepSimulation:
         elements = lin.out_features * self.shape.r
         return self._cast(elements, self.tl.alloc(LORA_BYTES * elements))
 
+    def _fp32_grad(self, elements: int) -> None:
+        """An adapter gradient from ``lora_kernels._mm_fp32``: on a GPU the product writes fp32;
+        elsewhere it is made in the compute dtype, then cast."""
+        low = self.tl.alloc(self.c * elements) if not self.cuda and self.c != LORA_BYTES else None
+        self._param_grad(LORA_BYTES * elements)
+        self.tl.free(low)
+
     def _saved(self, saved: dict[str, int | None], keep: bool) -> dict[str, int]:
         """The tensors autograd keeps; a checkpointed forward keeps none of them."""
         saved = {k: v for k, v in saved.items() if v is not None}
@@ -677,20 +684,24 @@ class _StepSimulation:
 
     def _fused_backward(self, lin: Linear, saved: dict[str, int], input_grad: bool) -> int | None:
         tl, t, c, r = self.tl, self.t, self.c, self.shape.r
-        gb = tl.alloc(c * r * t)  # g @ B
-        for rows in (lin.in_features, lin.out_features):  # dA, dB: in the compute dtype, then fp32
-            low = tl.alloc(c * r * rows)
-            self._param_grad(LORA_BYTES * r * rows)
-            tl.free(low)
-        g_x = g_d = None
-        if input_grad:
-            if "mask" in saved:  # the dropped-out input's own gradient, then dropout's backward
-                g_d = tl.alloc(c * lin.in_features * t)
-            g_x = tl.alloc(c * lin.in_features * t)  # without dropout: the adapter's term, the weight's added in
+        gb = tl.alloc(c * r * t)  # g @ scale·B
+        for rows in (lin.in_features, lin.out_features):  # dA, dB in fp32
+            self._fp32_grad(r * rows)
+        # The input gradients, whether the input needs one or not (autograd drops them then).
+        g_d = None
+        if self.shape.dropout > 0:  # the dropped-out input's own gradient, then the weight's product apart
+            g_d = tl.alloc(c * lin.in_features * t)
             w = self._dequantized_weight(lin)
-            tl.free(w)
+            g_x = tl.alloc(c * lin.in_features * t)
+        else:  # the adapter's term, then the weight's product added in
+            g_x = tl.alloc(c * lin.in_features * t)
+            w = self._dequantized_weight(lin)
+        tl.free(w)
         tl.free(gb, *[saved[k] for k in ("x_d", "xa", "a", "b") if k in saved])
-        if g_d is not None:
+        if not input_grad:
+            tl.free(g_x, g_d)
+            return None
+        if g_d is not None:  # dropout's backward
             g_d = self._replace(g_d, tl.alloc(c * lin.in_features * t))
             g_x = self._accumulate(g_x, g_d)
         tl.free(saved.get("mask"))
