@@ -8,9 +8,10 @@ tensor by tensor -- every allocation and release, in order -- and reports the la
   in fp32 on the selected projections;
 * the step as the engine runs it (``engine/trainer.py``, ``engine/lora_kernels.py``,
   ``engine/losses.py``): transformers' Llama-style decoder layers, the fused 4-bit + LoRA function
-  or PEFT's layers, SDPA/eager attention, non-reentrant gradient checkpointing with its
-  recomputation, the chunked or standard cross-entropy, gradient accumulation, the optimizer's
-  states (paged ones live in CUDA unified memory and are reported apart);
+  (q/k/v and gate/up together without dropout) or PEFT's layers, SDPA/eager attention,
+  non-reentrant gradient checkpointing with its recomputation, the chunked or standard
+  cross-entropy, gradient accumulation, the optimizer's states (paged ones live in CUDA unified
+  memory and are reported apart);
 * the engine's GPU-only paths (``engine/model.py::gpu_fast_paths``), for a CUDA estimate: layer
   inputs offloaded to CPU memory between forward and backward, Llama-style layers checkpointed as
   their two blocks (``engine/offload.py``), their MLP on a range of tokens at a time where that
@@ -67,6 +68,9 @@ MLP_TILE_TOKENS = 2048  #: a split layer's MLP block runs on at most this many t
 MLP_TILE_SHARE = 1 / 20  #: ... where one MLP intermediate is more than this share of the parameters' memory
 #: ``model_type`` values whose decoder layers offload.split_layer checkpoints as two blocks
 SPLIT_LAYER_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "granite", "smollm3", "gemma"})
+#: projections a layer calls on one input, in its order (lora_kernels.GROUPS)
+QKV = ("q_proj", "k_proj", "v_proj")
+GATE_UP = ("gate_proj", "up_proj")
 
 
 def loss_chunk_tokens(vocab_size: int) -> int:
@@ -495,8 +499,9 @@ class _StepSimulation:
 
     It mirrors transformers' Llama-style decoder layer; the adapter layer, either the engine's
     fused ``lora_kernels.LoRA4bitFunction`` (compute dtype; keeps the adapter's input, the rank-r
-    product and the adapter weights cast to the compute dtype in each pass) or PEFT's
-    ``lora.bnb.Linear4bit``
+    product and the adapter weights cast to the compute dtype in each pass), with
+    ``LoRA4bitGroupFunction`` for q/k/v and gate/up when no dropout applies (one product with their
+    A's stacked, one input gradient for the group), or PEFT's ``lora.bnb.Linear4bit``
     (the base output cloned, the input cast to fp32 per adapter, dropout, lora_A, lora_B,
     scaling, cast back, add); bitsandbytes' ``MatMul4Bit``, which saves no input and dequantizes
     its weight for the input gradient; PyTorch's non-reentrant activation checkpointing, which
@@ -707,6 +712,98 @@ class _StepSimulation:
         tl.free(saved.get("mask"))
         return g_x
 
+    # --- projections of one input: lora_kernels.LoRA4bitGroupFunction ------------------------
+
+    def _group(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """The projections of ``names`` (one of lora_kernels.GROUPS: q/k/v, gate/up) that one
+        LoRA4bitGroupFunction computes, in the model's order: the fused adapters among them, two or
+        more, when no dropout applies (with it each has its own mask, so each its own function).
+        Empty where each projection computes its own output."""
+        if not (self.fused and self.s.get("lora_groups") and self.shape.dropout == 0):
+            return ()
+        members = tuple(name for name in names if name in self.targeted)
+        return members if len(members) > 1 else ()
+
+    def projections_forward(self, names: tuple[str, ...], x: int, input_grad: bool, keep: bool,
+                            saved: dict[str, Any]) -> list[int]:
+        """The projections ``names`` of input ``x``, called in this order: their outputs. A group's
+        first member computes every member's output (lora_kernels._Group), the others take theirs."""
+        group, outs = self._group(names), {}
+        for name in names:
+            if name in outs:
+                continue
+            if name in group:
+                outs.update(zip(group, self._group_forward(group, x, keep, saved)))
+            else:
+                outs[name], saved[name] = self.linear_forward(name, x, input_grad, keep)
+        return [outs[name] for name in names]
+
+    def projections_backward(self, names: tuple[str, ...], grads: dict[str, int], saved: dict[str, Any],
+                             input_grad: bool) -> int | None:
+        """Backward through the projections ``names`` of one input (as projections_forward called
+        them); frees their outputs' gradients ``grads``; the input's gradient, summed.
+
+        Autograd runs the function made last first: a group's, made at its first member's call,
+        when the gradients of all its members are there (they wait until then)."""
+        tl, group, g_in = self.tl, self._group(names), None
+        for name in reversed(names):
+            if name in group[1:]:
+                continue
+            if name in group:
+                g_x = self._group_backward(group, saved[name], input_grad)
+                tl.free(*(grads[member] for member in group))
+            else:
+                g_x = self.linear_backward(name, saved[name], grads[name], input_grad)
+                tl.free(grads[name])
+            if g_x is not None:
+                g_in = g_x if g_in is None else self._accumulate(g_in, g_x)
+        return g_in
+
+    def _group_forward(self, group: tuple[str, ...], x: int, keep: bool, saved: dict[str, Any]) -> list[int]:
+        """LoRA4bitGroupFunction's forward: its outputs; what it saves goes to ``saved`` under the
+        first member's name."""
+        tl, t, c, r = self.tl, self.t, self.c, self.shape.r
+        lins = [self.linear[name] for name in group]
+        rank, width = r * len(lins), lins[0].in_features
+        a_all = self._cast(rank * width, tl.alloc(LORA_BYTES * rank * width))  # the A's stacked (cat), cast
+        xa = tl.alloc(c * rank * t)  # the input times every A, one product
+        outs, bs = [], []
+        for lin in lins:
+            bs.append(self._scaled_b(lin))
+            # its adapter's term (from xa's columns), then the weight's product added in
+            outs.append(tl.alloc(c * lin.out_features * t))
+            tl.free(self._dequantized_weight(lin))
+        kept = {"x": x, "xa": xa, "a": a_all, **{f"b{i}": b for i, b in enumerate(bs)}}
+        for handle in kept.values():
+            tl.keep(handle)
+        tl.free(xa, a_all, *bs)
+        saved[group[0]] = self._saved(kept, keep)
+        for name in group[1:]:
+            saved[name] = {}
+        return outs
+
+    def _group_backward(self, group: tuple[str, ...], saved: dict[str, int], input_grad: bool) -> int | None:
+        """LoRA4bitGroupFunction's backward: one input gradient for the whole group."""
+        tl, t, c, r = self.tl, self.t, self.c, self.shape.r
+        lins = [self.linear[name] for name in group]
+        rank, width = r * len(lins), lins[0].in_features
+        gbs = []
+        for lin in lins:  # per member: g @ scale·B, then B's gradient in fp32
+            gbs.append(tl.alloc(c * r * t))
+            self._fp32_grad(r * lin.out_features)
+        gb = tl.alloc(c * rank * t)  # those, concatenated
+        # Every A's gradient is one fp32 product whose row blocks autograd puts in the A's .grad
+        # (views of it: the first micro-batch's .grad tensors share its memory, a later one's are
+        # added to in place and it goes), so it is one gradient of the stacked A's size.
+        self._fp32_grad(rank * width)
+        g_x = None
+        if input_grad:
+            g_x = tl.alloc(c * width * t)  # gb @ the A's, then each weight's product added in
+            for lin in lins:
+                tl.free(self._dequantized_weight(lin))
+        tl.free(*gbs, gb, *saved.values())
+        return g_x
+
     def _lora_output_grad(self, lin: Linear) -> int:
         """PEFT's adapter output gradient, through the cast back and the scaling (fp32)."""
         g32 = self.tl.alloc(LORA_BYTES * lin.out_features * self.t)
@@ -848,9 +945,7 @@ class _StepSimulation:
             qkv, state["linears"]["qkv_proj"] = self.linear_forward("qkv_proj", x, input_grad, keep)
             q, k, v = None, None, qkv  # q, k and v are views of one tensor; v keeps it alive
         else:
-            q, state["linears"]["q_proj"] = self.linear_forward("q_proj", x, input_grad, keep)
-            k, state["linears"]["k_proj"] = self.linear_forward("k_proj", x, input_grad, keep)
-            v, state["linears"]["v_proj"] = self.linear_forward("v_proj", x, input_grad, keep)
+            q, k, v = self.projections_forward(QKV, x, input_grad, keep, state["linears"])
         if info.qk_norm:
             fused = self.kernels is not None and self.kernels.qk_norm
             q_n, state["qk_norm"]["q"] = self.norm_forward(q, *self._qk_norm_shape(info.heads), True, keep, fused)
@@ -956,13 +1051,7 @@ class _StepSimulation:
             g_in = self.linear_backward("qkv_proj", saved["qkv_proj"], g_qkv, input_grad)
             tl.free(g_qkv)
             return g_in
-        g_in = None
-        for name, g in (("v_proj", dv), ("k_proj", g_k), ("q_proj", g_q)):
-            g_x = self.linear_backward(name, saved[name], g, input_grad)
-            tl.free(g)
-            if g_x is not None:
-                g_in = g_x if g_in is None else self._accumulate(g_in, g_x)
-        return g_in
+        return self.projections_backward(QKV, dict(zip(QKV, (g_q, g_k, dv))), saved, input_grad)
 
     # --- MLP and the decoder layer -------------------------------------------------------------
 
@@ -980,14 +1069,18 @@ class _StepSimulation:
                 prod = tl.alloc(c * i * t)
                 tl.free(gate_up)
             else:
-                gate, saved["gate_proj"] = self.linear_forward("gate_proj", x, True, keep)
-                up, saved["up_proj"] = self.linear_forward("up_proj", x, True, keep)
+                gate, up = self.projections_forward(GATE_UP, x, True, keep, saved)
                 prod = tl.alloc(c * i * t)
             kept = [gate, up]
         elif "gate_up_proj" in self.linear:
             gate_up, saved["gate_up_proj"] = self.linear_forward("gate_up_proj", x, True, keep)
             act = tl.alloc(c * i * t)  # silu(gate) keeps its input: the fused output
             kept = [gate_up, act]
+            prod = tl.alloc(c * i * t)
+        elif self._group(GATE_UP):  # gate_proj's call computes up_proj's output too
+            gate, up = self.projections_forward(GATE_UP, x, True, keep, saved)
+            act = tl.alloc(c * i * t)  # silu keeps its input
+            kept = [gate, act, up]  # the product keeps both factors
             prod = tl.alloc(c * i * t)
         else:
             gate, saved["gate_proj"] = self.linear_forward("gate_proj", x, True, keep)
@@ -1027,6 +1120,10 @@ class _StepSimulation:
             return g_x
         gate, act, up = saved["mlp"]
         tl.free(act, up)
+        if self._group(GATE_UP):  # the group's function waits for gate's gradient: silu's backward first
+            g_gate = tl.alloc(c * i * t)
+            tl.free(g_act, gate)
+            return self.projections_backward(GATE_UP, {"gate_proj": g_gate, "up_proj": g_up}, saved, True)
         g_x = self.linear_backward("up_proj", saved["up_proj"], g_up, True)
         tl.free(g_up)
         g_gate = tl.alloc(c * i * t)  # silu's backward
@@ -1046,11 +1143,7 @@ class _StepSimulation:
             g_x = self.linear_backward("gate_up_proj", saved["gate_up_proj"], g_gu, True)
             tl.free(g_gu)
             return g_x
-        g_x = self.linear_backward("up_proj", saved["up_proj"], up, True)
-        tl.free(up)
-        g_x2 = self.linear_backward("gate_proj", saved["gate_proj"], gate, True)
-        tl.free(gate)
-        return self._accumulate(g_x, g_x2)
+        return self.projections_backward(GATE_UP, {"gate_proj": gate, "up_proj": up}, saved, True)
 
     def layer_forward(self, x: int, input_grad: bool, keep: bool, recompute: bool = False) -> tuple[int | None, dict[str, Any]]:
         """One decoder layer on the residual stream ``x``: norm, attention, add, norm, MLP, add.
@@ -1639,6 +1732,9 @@ def _settings(run: RunConfig, seq: int | None = None, batch: int | None = None, 
         "lora_dropout": run.lora.dropout,
         "target_modules": list(run.lora.target_modules),
         "fused_lora": bool(getattr(t, "fused_lora", False)),
+        # with the fused layers, q/k/v and gate/up computed together where no dropout applies
+        # (lora_kernels.LoRA4bitGroupFunction)
+        "lora_groups": bool(getattr(t, "fused_lora", False)),
         # with gradient checkpointing only: the simulation checks both
         "offload_checkpoints": cuda and bool(getattr(t, "offload_checkpoints", False)),
         "embeddings_on_cpu": cuda and bool(getattr(t, "embeddings_on_cpu", False)),
