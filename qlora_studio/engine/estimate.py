@@ -64,6 +64,8 @@ EIGHT_BIT_BLOCK = 256  #: elements per fp32 absmax of a blockwise 8-bit state
 LOSS_CHUNK_TOKENS = 1024  #: at most this many tokens per output-head chunk of the ``chunked`` loss (as trainer.py)
 LOSS_LOGITS_BYTES = 128 << 20  #: and at most this much for a chunk's fp32 logits (as trainer.py)
 LAYERS_AHEAD = 3  #: passes the host queues ahead of the GPU, their inputs still on it (as offload.py)
+#: the projections whose weights a split layer's recomputation keeps for its backward (lora_kernels.keep_weights)
+KEPT_WEIGHTS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "down_proj"})
 MLP_TILE_TOKENS = 2048  #: a split layer's MLP block runs on at most this many tokens at a time ... (as offload.py)
 MLP_TILE_SHARE = 1 / 20  #: ... where one MLP intermediate is more than this share of the parameters' memory
 #: ``model_type`` values whose decoder layers offload.split_layer checkpoints as two blocks
@@ -571,7 +573,7 @@ class _StepSimulation:
         """
         tl, t, c, lin = self.tl, self.t, self.c, self.linear[name]
         if name in self.targeted and self.fused:
-            return self._fused_forward(lin, x, input_grad, keep, last)
+            return self._fused_forward(name, lin, x, input_grad, keep, last)
         if t > BNB_FUSED_MAX_TOKENS or not self.cuda:  # dequantize, then F.linear
             w = self._dequantized_weight(lin)
             out = tl.alloc(c * lin.out_features * t)
@@ -609,7 +611,15 @@ class _StepSimulation:
         saved = {"a_in": a_in, "a_out": a_out, "mask": mask}
         return summed, self._saved(saved, keep)
 
-    def _fused_forward(self, lin: Linear, x: int, input_grad: bool, keep: bool, last: bool) -> tuple[int | None, dict[str, int]]:
+    def _keeps_weight(self, name: str, input_grad: bool, keep: bool) -> bool:
+        """lora_kernels.keep_weights: a split layer's recomputation (offload.split_layer) keeps the
+        dequantized weights of the attention block's fused projections and of the MLP's last one
+        for the backward that follows, where the input needs a gradient."""
+        return (keep and input_grad and self.split and self.fused and self.s.get("keep_weights", False)
+                and name in self.targeted and name in KEPT_WEIGHTS)
+
+    def _fused_forward(self, name: str, lin: Linear, x: int, input_grad: bool, keep: bool,
+                       last: bool) -> tuple[int | None, dict[str, int]]:
         tl, t, c, r = self.tl, self.t, self.c, self.shape.r
         mask = None
         if self.shape.dropout > 0:
@@ -621,14 +631,19 @@ class _StepSimulation:
         xa = tl.alloc(c * r * t)
         out = tl.alloc(c * lin.out_features * t)  # the adapter's term, then the weight's product added in
         w = self._dequantized_weight(lin)
-        tl.free(w)
+        kept_w = self._keeps_weight(name, input_grad, keep)
+        if not kept_w:
+            tl.free(w)
         for handle in (x_d, xa, a, b):
             if handle is not None:
                 tl.keep(handle)
         tl.free(xa, a, b, x_d if x_d != x else None)
         if last:  # the recomputation stops when the function's saved tensors are packed
             out = self._replace(out, None)
-        return out, self._saved({"x_d": x_d, "xa": xa, "a": a, "b": b, "mask": mask}, keep)
+        saved = self._saved({"x_d": x_d, "xa": xa, "a": a, "b": b, "mask": mask}, keep)
+        if kept_w:
+            saved["w"] = w
+        return out, saved
 
     def _cast(self, elements: int, made: int | None = None) -> int | None:
         """``.to(dtype)`` of an fp32 tensor of ``elements`` values: a new tensor in the compute dtype,
@@ -694,13 +709,14 @@ class _StepSimulation:
             self._fp32_grad(r * rows)
         # The input gradients, whether the input needs one or not (autograd drops them then).
         g_d = None
+        kept = saved.pop("w", None)  # the weight its forward kept, or dequantized again
         if self.shape.dropout > 0:  # the dropped-out input's own gradient, then the weight's product apart
             g_d = tl.alloc(c * lin.in_features * t)
-            w = self._dequantized_weight(lin)
+            w = kept if kept is not None else self._dequantized_weight(lin)
             g_x = tl.alloc(c * lin.in_features * t)
         else:  # the adapter's term, then the weight's product added in
             g_x = tl.alloc(c * lin.in_features * t)
-            w = self._dequantized_weight(lin)
+            w = kept if kept is not None else self._dequantized_weight(lin)
         tl.free(w)
         tl.free(gb, *[saved[k] for k in ("x_d", "xa", "a", "b") if k in saved])
         if not input_grad:
@@ -733,7 +749,7 @@ class _StepSimulation:
             if name in outs:
                 continue
             if name in group:
-                outs.update(zip(group, self._group_forward(group, x, keep, saved)))
+                outs.update(zip(group, self._group_forward(group, x, input_grad, keep, saved)))
             else:
                 outs[name], saved[name] = self.linear_forward(name, x, input_grad, keep)
         return [outs[name] for name in names]
@@ -759,7 +775,8 @@ class _StepSimulation:
                 g_in = g_x if g_in is None else self._accumulate(g_in, g_x)
         return g_in
 
-    def _group_forward(self, group: tuple[str, ...], x: int, keep: bool, saved: dict[str, Any]) -> list[int]:
+    def _group_forward(self, group: tuple[str, ...], x: int, input_grad: bool, keep: bool,
+                       saved: dict[str, Any]) -> list[int]:
         """LoRA4bitGroupFunction's forward: its outputs; what it saves goes to ``saved`` under the
         first member's name."""
         tl, t, c, r = self.tl, self.t, self.c, self.shape.r
@@ -767,17 +784,21 @@ class _StepSimulation:
         rank, width = r * len(lins), lins[0].in_features
         a_all = self._cast(rank * width, tl.alloc(LORA_BYTES * rank * width))  # the A's stacked (cat), cast
         xa = tl.alloc(c * rank * t)  # the input times every A, one product
-        outs, bs = [], []
-        for lin in lins:
+        outs, bs, weights = [], [], {}
+        for i, (name, lin) in enumerate(zip(group, lins)):
             bs.append(self._scaled_b(lin))
             # its adapter's term (from xa's columns), then the weight's product added in
             outs.append(tl.alloc(c * lin.out_features * t))
-            tl.free(self._dequantized_weight(lin))
+            w = self._dequantized_weight(lin)
+            if self._keeps_weight(name, input_grad, keep):
+                weights[f"w{i}"] = w  # kept for backward
+            else:
+                tl.free(w)
         kept = {"x": x, "xa": xa, "a": a_all, **{f"b{i}": b for i, b in enumerate(bs)}}
         for handle in kept.values():
             tl.keep(handle)
         tl.free(xa, a_all, *bs)
-        saved[group[0]] = self._saved(kept, keep)
+        saved[group[0]] = {**self._saved(kept, keep), **weights}
         for name in group[1:]:
             saved[name] = {}
         return outs
@@ -797,10 +818,11 @@ class _StepSimulation:
         # added to in place and it goes), so it is one gradient of the stacked A's size.
         self._fp32_grad(rank * width)
         g_x = None
+        kept = [saved.pop(f"w{i}", None) for i in range(len(lins))]  # what forward kept, else dequantized again
         if input_grad:
             g_x = tl.alloc(c * width * t)  # gb @ the A's, then each weight's product added in
-            for lin in lins:
-                tl.free(self._dequantized_weight(lin))
+            for lin, w in zip(lins, kept):
+                tl.free(w if w is not None else self._dequantized_weight(lin))
         tl.free(*gbs, gb, *saved.values())
         return g_x
 
@@ -1735,6 +1757,7 @@ def _settings(run: RunConfig, seq: int | None = None, batch: int | None = None, 
         # with the fused layers, q/k/v and gate/up computed together where no dropout applies
         # (lora_kernels.LoRA4bitGroupFunction)
         "lora_groups": bool(getattr(t, "fused_lora", False)),
+        "keep_weights": bool(getattr(t, "fused_lora", False)),  # lora_kernels.keep_weights, in split layers
         # with gradient checkpointing only: the simulation checks both
         "offload_checkpoints": cuda and bool(getattr(t, "offload_checkpoints", False)),
         "embeddings_on_cpu": cuda and bool(getattr(t, "embeddings_on_cpu", False)),

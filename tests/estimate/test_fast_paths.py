@@ -100,11 +100,12 @@ def test_offload_needs_gradient_checkpointing():
     assert "checkpointed layer inputs" not in E.format_report(without)
 
 
-def simulated_step(layers: int, **train) -> E._Timeline:
+def simulated_step(layers: int, keep_weights: bool = True, **train) -> E._Timeline:
     """One micro-step of the 8B shape, every allocation recorded."""
     info = modelinfo.describe({**LLAMA_8B, "num_hidden_layers": layers})
     s = E._settings(run_config(train={"micro_batch_size": 2, "grad_accum_steps": 1, **train},
                                data={"max_seq_len": 2048}, lora={"r": 16}), liger=False)
+    s["keep_weights"] = keep_weights
     targets = E.lora_targets(info, s["target_modules"])
     shape = E.Shape(2, 2048, 2, s["attention"], s["lora_dropout"], s["lora_r"], False)
     tl = E._Timeline({}, record=True)
@@ -138,7 +139,7 @@ def test_offload_recomputes_each_block_to_its_output():
     h, tokens = LLAMA_8B["hidden_size"], 2 * 2048
 
     def difference(layers):
-        offloaded = [nbytes for _, nbytes, _ in simulated_step(layers, cuda_graphs=False).events if nbytes]
+        offloaded = [nbytes for _, nbytes, _ in simulated_step(layers, False, cuda_graphs=False).events if nbytes]
         plain = [nbytes for _, nbytes, _ in simulated_step(layers, offload_checkpoints=False).events if nbytes]
         return len(offloaded) - len(plain), sum(offloaded) - sum(plain)
 
@@ -150,6 +151,22 @@ def test_offload_recomputes_each_block_to_its_output():
     # Once per step, less: offload.py's checkpoint needs no gradient for the embeddings' output, so
     # the first layer computes no input gradient (model.gpu_fast_paths removes transformers' hook).
     assert one[0] < 1 and one[1] < 2 * h * tokens
+
+
+def test_split_layers_keep_weights_from_recomputation_to_backward():
+    # lora_kernels.keep_weights: the attention block's four projections and the MLP's down_proj
+    # are not dequantized again in backward; the first layer's q/k/v input needs no gradient, so
+    # its three weights are dequantized there as before (none of them is kept)
+    h, i, kv = LLAMA_8B["hidden_size"], LLAMA_8B["intermediate_size"], 1024
+
+    def dequantized(layers, keep):
+        weights = {2 * n for n in (h * h, kv * h, i * h)}  # the weights in bf16 (the NF4 kernel: no fp32 scales)
+        return [n for _, n, _ in simulated_step(layers, keep, cuda_graphs=False).events if n in weights]
+
+    for layers in (1, 3):
+        kept, again = dequantized(layers, True), dequantized(layers, False)
+        assert len(again) - len(kept) == 2 + 5 * (layers - 1)
+        assert sum(again) - sum(kept) == 2 * (h * h + i * h) + (layers - 1) * 2 * (2 * h * h + 2 * kv * h + i * h)
 
 
 def test_a_layer_with_four_norms_is_recomputed_whole():

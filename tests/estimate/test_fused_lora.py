@@ -76,14 +76,17 @@ def test_a_group_has_one_input_gradient(names):
     assert grouped.count(stacked) == 1 and stacked not in alone
 
 
-def test_a_group_computes_its_outputs_at_its_first_members_call():
-    sim = simulation()
+@pytest.mark.parametrize("keep_weights", [False, True])
+def test_a_group_computes_its_outputs_at_its_first_members_call(keep_weights):
+    sim = simulation(keep_weights=keep_weights)
     tl, saved = sim.tl, {}
     x = tl.alloc(C * LLAMA_8B["hidden_size"] * sim.t)
     q, k, v = sim.projections_forward(E.QKV, x, True, True, saved)
-    # one function saves the input, the product with the stacked A's, those and each scale·B
+    # one function saves the input, the product with the stacked A's, those and each scale·B; in a
+    # split layer's recomputation (lora_kernels.keep_weights) it also keeps the dequantized weights
     r, t = 16, sim.t
-    assert set(saved["q_proj"]) == {"x", "xa", "a", "b0", "b1", "b2"} and saved["k_proj"] == saved["v_proj"] == {}
+    kept = {"w0", "w1", "w2"} if keep_weights else set()
+    assert set(saved["q_proj"]) == {"x", "xa", "a", "b0", "b1", "b2"} | kept and saved["k_proj"] == saved["v_proj"] == {}
     assert tl.size(saved["q_proj"]["xa"]) == C * 3 * r * t
     assert tl.size(saved["q_proj"]["a"]) == C * 3 * r * LLAMA_8B["hidden_size"]
     assert q < k < v  # allocated in the model's order
