@@ -25,7 +25,9 @@ dequantized by nf4_kernel.py (bitsandbytes' values, in one pass), elsewhere by b
 Projections that a model calls on one input, a layer's q/k/v and gate/up (:data:`GROUPS`), are
 computed together by :class:`LoRA4bitGroupFunction` when no dropout applies: one product for all
 their A's, forward and backward, and one input gradient into which every weight's product is
-added, instead of one per projection summed afterwards (:class:`_Group`).
+added, instead of one per projection summed afterwards (:class:`_Group`). Layers marked by
+:func:`keep_weights` (a split layer's, whose recomputation is followed at once by its backward) keep
+their dequantized weight from a forward pass that records gradients to its backward.
 """
 
 from __future__ import annotations
@@ -183,25 +185,20 @@ class LoRA4bitGroupFunction(torch.autograd.Function):
         dtype, tokens = x2.dtype, x2.shape[0]
         gs, gbs, result, start = [], [], [], 0
         for (weight, scale, rank, _), b, grad, has_bias in zip(ctx.layout, bs, grads, ctx.has_bias):
-            if grad is None:  # an output that nothing used
+            if grad is None:  # an output that nothing used: its adapter gets no gradient, as alone
                 gs.append(None)
                 gbs.append(x2.new_zeros(tokens, rank))
-                result += [torch.zeros_like(a_all[start:start + rank], dtype=torch.float32),
-                           torch.zeros(b.shape, dtype=torch.float32, device=b.device), None]
+                result += [None, None, None]
             else:
                 g = grad.reshape(-1, grad.shape[-1]).to(dtype)
                 gs.append(g)
                 gbs.append(g @ b)  # scale (g B)
                 grad_b = _mm_fp32(g.t(), xa[:, start:start + rank]).mul_(scale)
-                result += [None, grad_b, g.sum(0) if has_bias else None]
+                result += [slice(start, start + rank), grad_b, g.sum(0) if has_bias else None]
             start += rank
         gb = torch.cat(gbs, dim=1)
         grad_a = _mm_fp32(gb.t(), x2)  # every A's gradient in one product, row blocks of it
-        start = 0
-        for i, (_, _, rank, _) in enumerate(ctx.layout):
-            if result[3 * i] is None:
-                result[3 * i] = grad_a[start:start + rank]
-            start += rank
+        result[0::3] = [grad_a[rows] if rows is not None else None for rows in result[0::3]]
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = gb @ a_all  # the adapters' terms, then each weight's product added in

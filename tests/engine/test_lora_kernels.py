@@ -183,3 +183,30 @@ def test_kept_weights_serve_the_backward_and_change_nothing(demo_template, monke
     with torch.no_grad():  # a forward pass that records no gradients keeps nothing
         model(input_ids=torch.randint(3, 900, (1, 8)))
     assert len(calls) == len(fused)
+
+
+def test_a_group_output_nothing_uses_leaves_its_adapter_without_gradient(demo_template):
+    from qlora_studio.engine import lora_kernels
+
+    model, _ = _model(demo_template, torch.float32, fused=True)
+    group = next(g for g in lora_kernels.lora_groups(model) if len(g.members) == 3)
+    q, k, v = group.members
+    adapter = q.active_adapters[0]
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, q.base_layer.in_features, requires_grad=True)
+
+    def grads(grouped: bool):
+        group.off = not grouped
+        for m in (q, k, v):
+            m.zero_grad(set_to_none=True)
+        x.grad = None
+        out_q, out_k, _ = q(x), k(x), v(x)  # v's output is not used
+        (out_q.square().sum() + out_k.sum()).backward()
+        return x.grad.clone(), [m.lora_A[adapter].weight.grad for m in (q, k, v)]
+
+    alone_x, alone = grads(False)
+    grouped_x, grouped = grads(True)
+    assert alone[2] is None and grouped[2] is None
+    torch.testing.assert_close(grouped_x, alone_x, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grouped[:2], alone[:2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
