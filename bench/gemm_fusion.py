@@ -17,22 +17,18 @@ Writes bench/results/gemm_fusion-<shape>-<date>-<commit>.json.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import write_result
-from op_costs import timed
+from op_costs import shape_arguments, timed
 from perf_harness import SHAPES
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=["1b", "8b"], default="8b")
-    ap.add_argument("--rank", type=int, default=16)
-    args = ap.parse_args()
+    args = shape_arguments(__doc__.splitlines()[0])
 
     import torch
 

@@ -49,11 +49,16 @@ def timed(fn, repeat: int = 10) -> float:
     return statistics.median(times)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def shape_arguments(description: str) -> argparse.Namespace:
+    """The options of the per-operation scripts (this one, gemm_fusion.py): the shape and the LoRA rank."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--shape", choices=["1b", "8b"], default="8b")
     ap.add_argument("--rank", type=int, default=16)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> int:
+    args = shape_arguments(__doc__.splitlines()[0])
 
     import bitsandbytes.functional as bnbF
     import torch
