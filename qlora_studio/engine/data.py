@@ -210,15 +210,29 @@ def build_examples(
     return examples, truncated, dropped, lengths, "chat_template" if render else "default"
 
 
-def load_dataset(cfg: DataConfig, tokenizer, base_dir: Path | None = None) -> Dataset:
+def _setting_records(setting: str, spec: str, split: str, source: str | None) -> list[formats.Record]:
+    """``load_records`` for the dataset a setting names. A hub dataset that cannot be loaded is
+    reported against ``source``, the configuration file the setting comes from, naming the setting:
+    the id may be a typo there (a local file's own errors name the file)."""
+    try:
+        return load_records(spec, split)
+    except DataError as exc:
+        if source is None or formats.looks_local(spec) or exc.where != spec:
+            raise
+        raise DataError(f"{setting} = {spec!r}: {exc.what}", where=source, fix=exc.fix) from None
+
+
+def load_dataset(cfg: DataConfig, tokenizer, base_dir: Path | None = None, source: str | None = None) -> Dataset:
+    """The training (and validation) examples of ``cfg``; ``source``: the configuration file it
+    comes from, for errors about the datasets it names."""
     spec = resolve_data_path(cfg.path, base_dir)
-    records = load_records(spec, cfg.split)
+    records = _setting_records("data.path", spec, cfg.split, source)
     fmt = detect(records, cfg, spec)
     train, truncated, dropped, lengths, template = build_examples(records, fmt, cfg, tokenizer)
     val: list[Example] = []
     if cfg.val_path:
         vspec = resolve_data_path(cfg.val_path, base_dir)
-        vrecords = load_records(vspec, cfg.split)
+        vrecords = _setting_records("data.val_path", vspec, cfg.split, source)
         vfmt = detect(vrecords, cfg, vspec)
         val, vt, vd, _, _ = build_examples(vrecords, vfmt, cfg, tokenizer)
         truncated += vt

@@ -331,7 +331,7 @@ class Trainer:
         log.info("loading %s on %s (%s)", cfg.model.name_or_path, device, dtype)
 
         model, tokenizer, info = load_model(cfg, device, dtype, self.base_dir)
-        data: Dataset = load_dataset(cfg.data, tokenizer, self.base_dir)
+        data: Dataset = load_dataset(cfg.data, tokenizer, self.base_dir, str(self.run_dir / runs.CONFIG))
         total_steps = plan_steps(cfg, len(data.train))
 
         params = [p for p in model.parameters() if p.requires_grad]

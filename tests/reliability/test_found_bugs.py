@@ -483,3 +483,16 @@ def test_a_chat_template_that_does_not_parse_is_a_model_error_naming_the_tokeniz
     check_user_error(info.value)
     assert info.value.where == str(demo_template / "model")
     assert info.value.what.startswith("the tokenizer's chat template is not valid Jinja (unexpected '}', line 1 of the template)")
+
+
+def test_a_validation_dataset_id_the_hub_cannot_give_names_the_setting_and_the_configuration(demo_template, tmp_path):
+    # data.val_path = "auto" is not a local file, so a hub id; offline there is none: the error line
+    # named only "auto", not where that came from
+    from .fuzzkit import check_cli_outcome, cli, demo_config_file
+
+    path = demo_config_file(demo_template, tmp_path, data={"val_path": "auto"})
+    run_dir = tmp_path / "run"
+    result = cli("train", path, "--output", run_dir, "--max-steps", "1")
+    assert check_cli_outcome(result, run_dir, where=path.name) == "rejected"
+    last = result.stderr.splitlines()[-1]
+    assert "data.val_path = 'auto': cannot load the hub dataset" in last and str(run_dir / "config.toml") in last
