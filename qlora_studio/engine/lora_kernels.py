@@ -253,12 +253,10 @@ def keep_weights(modules) -> int:
     block's q/k/v weights (48 MB for an 8B layer) are kept through the attention's backward. A
     first forward pass under checkpointing records no gradients and keeps nothing.
     """
-    count = 0
-    for m in modules:
-        if hasattr(m, "_peft_forward"):
-            m.__dict__["_keep_weight"] = True
-            count += 1
-    return count
+    fused = [m for m in modules if _is_fused(m)]
+    for m in fused:
+        m.__dict__["_keep_weight"] = True
+    return len(fused)
 
 
 def _keeps_weight(module, x: torch.Tensor) -> bool:
@@ -334,7 +332,11 @@ class _Group:
 
 def fused_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
     """The PEFT 4-bit LoRA layers in ``module`` that fuse_lora_layers routed through the fused function."""
-    return [m for m in module.modules() if hasattr(m, "_peft_forward")]
+    return [m for m in module.modules() if _is_fused(m)]
+
+
+def _is_fused(module) -> bool:
+    return hasattr(module, "_peft_forward")  # fuse_lora_layers keeps PEFT's own forward there
 
 
 def fuse_lora_layers(model, group: bool = True) -> int:
@@ -344,7 +346,7 @@ def fuse_lora_layers(model, group: bool = True) -> int:
 
     count = 0
     for module in model.modules():
-        if isinstance(module, LoraLinear4bit) and not hasattr(module, "_peft_forward"):
+        if isinstance(module, LoraLinear4bit) and not _is_fused(module):
             module._peft_forward = module.forward
             module.forward = types.MethodType(_fused_forward, module)
             count += 1
@@ -352,7 +354,7 @@ def fuse_lora_layers(model, group: bool = True) -> int:
         for parent_name, parent in model.named_modules():
             for names in GROUPS:
                 members = [getattr(parent, n, None) for n in names]
-                members = [m for m in members if m is not None and hasattr(m, "_peft_forward")
+                members = [m for m in members if m is not None and _is_fused(m)
                            and "_lora_group" not in m.__dict__]
                 if len(members) > 1:
                     shared = _Group(f"{parent_name}.{'/'.join(names)}", members)

@@ -356,7 +356,7 @@ def split_layer(layer: torch.nn.Module, graphs_for=lambda module: None, tile: in
     attn.forward, mlp.forward = attn_checkpointed, mlp_checkpointed
     # Backward recomputes a block and differentiates it at once: the attention block's projections
     # and the MLP's last one keep their dequantized weight from the one to the other.
-    keep_weights([m for m in attn.modules()] + [m for m in (getattr(mlp, "down_proj", None),) if m is not None])
+    keep_weights([*attn.modules(), getattr(mlp, "down_proj", None)])
     return True
 
 
