@@ -27,7 +27,8 @@ What it needs and how it stays safe:
 * the tensors a graph reads and writes sit at fixed addresses: one set per shape, shared by all
   layers, since the layers run one after another (:class:`_Buffers`); the input and gradient
   buffers of every shape are views of one storage. Inputs are copied in; a graph writes its result
-  over its input at the end, and the caller takes a copy.
+  over its input at the end, and the caller takes a copy, or, for an output that is used at once
+  and dropped (``transient_output``: a split layer's blocks), the buffer itself.
 * all graphs draw their temporaries from one memory pool; no temporary outlives its graph. So do
   cuBLAS's workspaces (:func:`_workspaces_in_pool`) and, between the forward and the backward
   replays, the chunked loss (:meth:`GraphContext.scratch`), whose temporaries are gone before the
@@ -230,6 +231,9 @@ class LayerGraphs:
         self.graphs: dict[Any, torch.cuda.CUDAGraph] = {}
         self.params: list[torch.nn.Parameter] | None = None
         self.grads: list[torch.Tensor] = []
+        #: the forward pass's output is used once, at once, and dropped (a split layer's block, whose
+        #: output only goes into the residual add after it): handed over in the buffer itself
+        self.transient_output = False
 
     # -- the two passes ---------------------------------------------------------------------------
 
@@ -250,7 +254,9 @@ class LayerGraphs:
             if graph is None:
                 return None
         graph.replay()
-        return buffers.hidden.clone()
+        # The next replay writes over the buffer: a transient output is read before that, since the
+        # stream runs in order and nothing else holds it; any other output is copied out.
+        return buffers.hidden.detach() if self.transient_output else buffers.hidden.clone()
 
     def backward(self, run, hidden: torch.Tensor, rest: tuple, grad: torch.Tensor, rng_state: torch.Tensor,
                  tiles: list[slice] | None = None) -> tuple[bool, torch.Tensor | None]:

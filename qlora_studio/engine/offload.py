@@ -31,6 +31,9 @@ MLP_TILE_TOKENS = 2048
 MLP_TILE_SHARE = 1 / 20
 #: how many checkpointed passes (layers, or blocks of split layers) the host may queue ahead of the GPU
 LAYERS_AHEAD = 3
+#: a split layer's blocks hand their forward output over in their graph's buffer (no copy): it only
+#: goes into the residual add that follows (LayerGraphs.transient_output)
+TRANSIENT_BLOCK_OUTPUTS = True
 _queued: collections.deque[torch.cuda.Event] = collections.deque()
 
 
@@ -320,6 +323,9 @@ def split_layer(layer: torch.nn.Module, graphs_for=lambda module: None, tile: in
     norm1, attn, norm2, mlp = (getattr(layer, name) for name in BLOCKS)
     norm1_forward, attn_forward, norm2_forward, mlp_forward = norm1.forward, attn.forward, norm2.forward, mlp.forward
     attn_graphs, mlp_graphs = graphs_for(attn), graphs_for(mlp)
+    for graphs in (attn_graphs, mlp_graphs):
+        if graphs is not None:
+            graphs.transient_output = TRANSIENT_BLOCK_OUTPUTS
 
     def checkpointing() -> bool:
         return layer.training and torch.is_grad_enabled()
@@ -360,11 +366,42 @@ def split_layer(layer: torch.nn.Module, graphs_for=lambda module: None, tile: in
     return True
 
 
+#: the GPU gathers the embedding's rows from pinned CPU memory itself (mapped_on_gpu), instead of
+#: the CPU gathering them and copying them over
+GATHER_ON_GPU = True
+
+
+class _Mapped:
+    """``__cuda_array_interface__`` over pinned host memory, as 16-bit integers (the interface has
+    no bfloat16); it holds the host tensor, so the memory lives as long as the CUDA tensor over it."""
+
+    def __init__(self, host: torch.Tensor):
+        self.host = host
+        self.__cuda_array_interface__ = {"shape": (host.numel(),), "typestr": "<i2", "data": (host.data_ptr(), False),
+                                         "version": 3, "strides": None}
+
+
+def mapped_on_gpu(host: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """A CUDA tensor over the pinned CPU tensor ``host`` (2-byte elements): GPU kernels read it
+    across the bus, without a copy. None where this CUDA or PyTorch cannot address it so."""
+    if not host.is_pinned() or host.element_size() != 2 or not host.is_contiguous():
+        return None
+    try:
+        view = torch.as_tensor(_Mapped(host), device=device)
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    if view.device != device or view.data_ptr() != host.data_ptr():
+        return None
+    return view.view(host.dtype).view(host.shape)
+
+
 def embeddings_on_cpu(model) -> bool:
     """Keep a frozen, untied input embedding in pinned CPU memory; look rows up there.
 
     A 128k × 4096 bf16 embedding is 1 GiB of GPU memory that a step reads only a few thousand rows
-    of. Here the token ids come to the CPU, the rows are gathered into pinned memory and copied to
+    of. Where the GPU can address pinned CPU memory (:func:`mapped_on_gpu`, with
+    :data:`GATHER_ON_GPU`) it gathers the rows itself across the bus, without waiting for the host;
+    elsewhere the token ids come to the CPU, the rows are gathered into pinned memory and copied to
     the GPU. Untied only: a tied embedding is also the output head, which the GPU needs whole.
     Returns whether it was moved.
     """
@@ -378,8 +415,11 @@ def embeddings_on_cpu(model) -> bool:
         return False
     device = weight.device
     weight.data = weight.data.to("cpu").pin_memory()
+    mapped = mapped_on_gpu(weight.data, device) if GATHER_ON_GPU else None
 
     def forward(ids: torch.Tensor) -> torch.Tensor:
+        if mapped is not None and ids.device == device:
+            return torch.nn.functional.embedding(ids, mapped)
         flat = ids.reshape(-1).to("cpu")
         rows = torch.empty((flat.shape[0], weight.shape[1]), dtype=weight.dtype, pin_memory=True)
         torch.index_select(weight, 0, flat, out=rows)
