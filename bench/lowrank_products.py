@@ -1,6 +1,6 @@
 """The LoRA layer's thin products, cuBLAS against the engine's Triton kernels, on the GPU at hand.
 
-    python bench/lowrank_products.py [--shape 8b|1b|both] [--sweep]
+    python bench/lowrank_products.py [--shape 8b|1b|both] [--sweep] [--wide]
 
 Per projection of a Llama layer of the harness's shapes (bench/perf_harness.py: random bf16 data,
 rank 16, q/k/v and gate/up grouped as the engine groups them), the four thin products of
@@ -16,7 +16,7 @@ each timed as a CUDA graph of 20 calls (no launch gaps; the median of 7 replays)
 their default configuration; with ``--sweep`` also every configuration of a grid, and the fastest.
 Reported: ms per call, the bandwidth the tall operand is read at, the largest difference from
 cuBLAS relative to its largest value, and ms per step (32 or 16 layers) for each.
-Writes bench/results/lowrank_products-<shape>-<date>-<commit>.json.
+With ``--wide``, :func:`wide_forward` too. Writes bench/results/lowrank_products-<shape>-<date>-<commit>.json.
 """
 
 from __future__ import annotations
@@ -116,22 +116,18 @@ def run(shape: str, rank: int, sweep: bool) -> dict:
         row["kernel_TBps"] = nbytes / row["kernel_ms"] / 1e9
         best = (row["kernel_ms"], None)
         if sweep:
-            saved, K.PROGRAMS_PER_SM = K.PROGRAMS_PER_SM, 1 << 20  # the split asked for, not the one chosen
-            try:
-                for tile in TILES[kind]:
-                    for splits in (1, 2, 4):
-                        for warps in (4, 8):
-                            for stages in (3, 4):
-                                config = (*tile, splits, warps, stages)
-                                try:
-                                    ms = graphed_ms(lambda: kernel_fn(config))
-                                except Exception as exc:  # noqa: BLE001 - a configuration the compiler refuses
-                                    print(f"  {name} {config}: {type(exc).__name__}", flush=True)
-                                    continue
-                                if ms < best[0]:
-                                    best = (ms, config)
-            finally:
-                K.PROGRAMS_PER_SM = saved
+            for tile in TILES[kind]:
+                for splits in (1, 2, 4):
+                    for warps in (4, 8):
+                        for stages in (3, 4):
+                            config = (*tile, splits, warps, stages)
+                            try:
+                                ms = graphed_ms(lambda: kernel_fn(config))
+                            except Exception as exc:  # noqa: BLE001 - a configuration the compiler refuses
+                                print(f"  {name} {config}: {type(exc).__name__}", flush=True)
+                                continue
+                            if ms < best[0]:
+                                best = (ms, config)
             row["best_ms"], row["best_config"] = best
         for key in totals:
             totals[key] += row.get(key, row["kernel_ms"]) * per_step * layers
@@ -141,9 +137,63 @@ def run(shape: str, rank: int, sweep: bool) -> dict:
               f"{best[1]}  diff {err:.1e}", flush=True)
     print(f"{shape} per step: cuBLAS {totals['cublas_ms']:.2f} ms, kernels {totals['kernel_ms']:.2f} ms, "
           f"best configurations {totals['best_ms']:.2f} ms", flush=True)
-    return {"shape": shape, "rank": rank, "layers": layers, "defaults": {"times_small": K.TIMES_SMALL,
-            "small_t_times": K.SMALL_T_TIMES, "programs_per_sm": K.PROGRAMS_PER_SM}, "ops": rows,
+    return {"shape": shape, "rank": rank, "layers": layers, "ops": rows,
             "per_step_ms": totals}
+
+
+def wide_forward(shape: str, rank: int) -> dict:
+    """A group's forward as it is (the adapters' terms written out, each large product added to its
+    term in cuBLAS's epilogue) against one product per member over the input widened by the adapters'
+    rank-r columns, [x | x A^T] [W | B]^T (zeros where another member's columns are): ms per pass,
+    and the widened products alone against the plain ones; the input gradient's product with the
+    weight read from the widened buffer (strided rows) against a contiguous weight."""
+    import torch
+
+    from qlora_studio.engine import lowrank_kernel as K
+
+    s = SHAPES[shape]
+    hidden, inter = s["hidden_size"], s["intermediate_size"]
+    kv = s["num_key_value_heads"] * (hidden // s["num_attention_heads"])
+    tokens = s["batch"] * s["seq"]
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    out = {}
+    for name, width, outs in [("qkv", hidden, [hidden, kv, kv]), ("o", hidden, [hidden]),
+                              ("gate_up", hidden, [inter, inter]), ("down", inter, [hidden])]:
+        r_all = rank * len(outs)
+        x = torch.randn(tokens, width, device=dev, dtype=dt)
+        a_all = torch.randn(r_all, width, device=dev, dtype=dt) * 0.02
+        ws = [torch.randn(n, width, device=dev, dtype=dt) * 0.02 for n in outs]
+        bs = [torch.randn(n, rank, device=dev, dtype=dt) * 0.02 for n in outs]
+        wide_ws = []
+        for i, (w, b) in enumerate(zip(ws, bs)):
+            ww = torch.zeros(w.shape[0], width + r_all, device=dev, dtype=dt)
+            ww[:, :width] = w
+            ww[:, width + i * rank:width + (i + 1) * rank] = b
+            wide_ws.append(ww)
+        wide = torch.empty(tokens, width + r_all, device=dev, dtype=dt)
+        gs = [torch.randn(tokens, n, device=dev, dtype=dt) for n in outs]
+
+        def now():
+            xa = K.times_small(x, a_all.t())
+            for i, (w, b) in enumerate(zip(ws, bs)):
+                o = xa[:, i * rank:(i + 1) * rank] @ b.t()
+                o.addmm_(x, w.t())
+
+        def widened():
+            wide[:, :width].copy_(x)
+            wide[:, width:].copy_(K.times_small(x, a_all.t()))
+            for ww in wide_ws:
+                wide @ ww.t()
+
+        row = {"now_ms": graphed_ms(now), "wide_ms": graphed_ms(widened),
+               "copy_ms": graphed_ms(lambda: wide[:, :width].copy_(x)),
+               "plain_products_ms": graphed_ms(lambda: [x @ w.t() for w in ws]),
+               "wide_products_ms": graphed_ms(lambda: [wide @ ww.t() for ww in wide_ws]),
+               "dgrad_contiguous_ms": graphed_ms(lambda: [g @ w for g, w in zip(gs, ws)]),
+               "dgrad_strided_ms": graphed_ms(lambda: [g @ ww[:, :width] for g, ww in zip(gs, wide_ws)])}
+        out[name] = row
+        print(f"{shape} {name:8s} " + "  ".join(f"{k} {v * 1e3:.1f} µs" for k, v in row.items()), flush=True)
+    return out
 
 
 def main() -> int:
@@ -151,9 +201,13 @@ def main() -> int:
     ap.add_argument("--shape", choices=["1b", "8b", "both"], default="both")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--sweep", action="store_true", help="time every configuration of the grid too")
+    ap.add_argument("--wide", action="store_true", help="time the forward over an input widened by the adapters' columns too")
     args = ap.parse_args()
     for shape in (["8b", "1b"] if args.shape == "both" else [args.shape]):
-        write_result(f"lowrank_products-{shape}", run(shape, args.rank, args.sweep))
+        result = run(shape, args.rank, args.sweep)
+        if args.wide:
+            result["wide_forward"] = wide_forward(shape, args.rank)
+        write_result(f"lowrank_products-{shape}", result)
     return 0
 
 

@@ -17,7 +17,12 @@ def triton_runs(device: torch.device) -> bool:
 
 def kernel_failed(off: list[str], exc: BaseException, logger, message: str) -> None:
     """An engine Triton kernel failed (to build: it fails before it runs). Record why in ``off``, its
-    module's switch to the fallback for the rest of the run, and warn once with ``message % why``."""
+    module's switch to the fallback for the rest of the run, and warn once with ``message % why``.
+
+    Running out of GPU memory for its output is not the kernel's failure: that error goes on to the
+    caller (the trainer retries with a smaller micro-batch) and the kernel stays on."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        raise exc
     from .model import first_line
 
     off.append(f"{type(exc).__name__}: {first_line(exc)}")

@@ -13,7 +13,7 @@ MLP's) and computes little: they are bound by memory bandwidth. cuBLAS splits th
 for large products; bench/lowrank_products.py measured them on an H200 at a fraction of the memory
 bandwidth. These kernels stream the tall operand in row (or column) strips, each program keeping its
 rank-r accumulator in registers, and split the long sum in a few parts where there are too few
-strips to fill the GPU; the parts are added in a fixed order (:func:`_sum_splits`), so results are
+strips to fill the GPU (:func:`times_small_config`, :func:`small_t_times_config`); the parts are added in a fixed order (:func:`_sum_splits`), so results are
 deterministic. Operands in the compute dtype (bf16 or fp16), sums in fp32, as cuBLAS does; only
 the order of the sums differs. Strided operands are read in place (a transposed weight, a column
 slice). CUDA only (imported there); lora_kernels.py falls back to torch's products elsewhere.
@@ -25,12 +25,37 @@ import torch
 import triton
 import triton.language as tl
 
-#: (rows or columns per program, summed elements per iteration, parts of the sum, warps, stages) by
-#: kind; bench/lowrank_products.py sweeps them on the 8B and 1B shapes
-TIMES_SMALL = (64, 128, 2, 4, 4)
-SMALL_T_TIMES = (128, 64, 2, 4, 4)
-#: split a sum only while there are fewer programs than this many per multiprocessor
-PROGRAMS_PER_SM = 1
+#: a part of a split sum is at least this long: shorter ones cost more in their sum than they gain
+#: in programs (bench/lowrank_products.py, on an H200)
+TIMES_SMALL_PART = 2048
+SMALL_T_TIMES_PART = 1024
+
+
+def times_small_config(tokens: int, k: int) -> tuple[int, int, int, int, int]:
+    """(rows per program, summed elements per iteration, parts of the sum, warps, stages) for
+    :func:`times_small`: the fastest of bench/lowrank_products.py's sweep on the 8B shape's
+    products, 64 rows by 128, the sum in up to 4 parts of at least :data:`TIMES_SMALL_PART`."""
+    return 64, 128, _parts(k, TIMES_SMALL_PART), 4, 4
+
+
+def small_t_times_config(tokens: int, k: int) -> tuple[int, int, int, int, int]:
+    """(columns per program, summed tokens per iteration, parts of the sum, warps, stages) for
+    :func:`small_t_times`, from the same sweep: narrow outputs (k up to 1,024 or so) in 64 columns
+    a program and wider ones in 128, the tokens in up to 4 parts of at least
+    :data:`SMALL_T_TIMES_PART` where the programs are too few to fill an H200 (k below 8,192),
+    8 warps where they are many."""
+    if k >= 8192:
+        return 128, 64, 1, 8, 4
+    if k >= 4096:
+        return 128, 64, _parts(tokens, SMALL_T_TIMES_PART), 4, 4
+    return 64, 128, _parts(tokens, SMALL_T_TIMES_PART), 4, 3
+
+
+def _parts(length: int, part: int) -> int:
+    parts = 1
+    while parts < 4 and length >= 2 * parts * part:
+        parts *= 2
+    return parts
 
 
 @triton.jit
@@ -93,15 +118,11 @@ def _rank_width(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _splits(programs: int, length: int, step: int, wanted: int, device: torch.device) -> int:
-    """How many parts to sum ``length`` in: ``wanted`` at most, only while the programs do not fill
-    the GPU, and each part at least ``step`` long."""
-    if wanted <= 1:
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    splits = 1
-    while splits < wanted and programs * splits < PROGRAMS_PER_SM * sms and length >= 2 * splits * step:
-        splits *= 2
+def _splits(length: int, step: int, wanted: int) -> int:
+    """``wanted`` parts, fewer where a part would be shorter than ``step``."""
+    splits = max(1, wanted)
+    while splits > 1 and length < splits * step:
+        splits //= 2
     return splits
 
 
@@ -114,15 +135,16 @@ def _finish(parts: torch.Tensor, splits: int, out: torch.Tensor) -> torch.Tensor
 
 
 def times_small(x: torch.Tensor, s: torch.Tensor, config: tuple | None = None) -> torch.Tensor:
-    """``x @ s`` for a tall ``x`` (tokens × k) and a thin ``s`` (k × r), in ``x``'s dtype, summed in fp32."""
+    """``x @ s`` for a tall ``x`` (tokens × k) and a thin ``s`` (k × r), in ``x``'s dtype, summed in fp32.
+    ``config``: as :func:`times_small_config` gives it (the parts of the sum as asked, where long enough)."""
     T, K = x.shape
     K2, R = s.shape
     if K2 != K:
         raise ValueError(f"times_small: {tuple(x.shape)} @ {tuple(s.shape)}")
-    BT, BK, wanted, warps, stages = config or TIMES_SMALL
+    BT, BK, wanted, warps, stages = config or times_small_config(T, K)
     RP = _rank_width(R)
     row_programs = triton.cdiv(T, BT)
-    splits = _splits(row_programs, K, BK, wanted, x.device)
+    splits = _splits(K, BK, wanted)
     k_per_split = triton.cdiv(triton.cdiv(K, splits), BK) * BK
     out = torch.empty((T, R), dtype=x.dtype, device=x.device)
     target = out if splits == 1 else torch.empty((splits, T, R), dtype=torch.float32, device=x.device)
@@ -135,15 +157,16 @@ def times_small(x: torch.Tensor, s: torch.Tensor, config: tuple | None = None) -
 def small_t_times(u: torch.Tensor, x: torch.Tensor, scale: float = 1.0, transposed: bool = False,
                   config: tuple | None = None) -> torch.Tensor:
     """``scale * (u^T @ x)`` in fp32 for two tall operands with the same rows (tokens): ``u`` thin
-    (tokens × r), ``x`` (tokens × k); r × k, or with ``transposed`` its transpose (k × r), contiguous."""
+    (tokens × r), ``x`` (tokens × k); r × k, or with ``transposed`` its transpose (k × r), contiguous.
+    ``config``: as :func:`small_t_times_config` gives it."""
     T, R = u.shape
     T2, K = x.shape
     if T2 != T:
         raise ValueError(f"small_t_times: {tuple(u.shape)}^T @ {tuple(x.shape)}")
-    BK, BT, wanted, warps, stages = config or SMALL_T_TIMES
+    BK, BT, wanted, warps, stages = config or small_t_times_config(T, K)
     RP = _rank_width(R)
     col_programs = triton.cdiv(K, BK)
-    splits = _splits(col_programs, T, BT, wanted, x.device)
+    splits = _splits(T, BT, wanted)
     t_per_split = triton.cdiv(triton.cdiv(T, splits), BT) * BT
     out = torch.empty((K, R) if transposed else (R, K), dtype=torch.float32, device=x.device)
     target = out if splits == 1 else torch.empty((splits, *out.shape), dtype=torch.float32, device=x.device)
@@ -161,4 +184,4 @@ def supported(*tensors: torch.Tensor) -> bool:
         torch.bfloat16, torch.float16)
 
 
-__all__ = ["small_t_times", "supported", "times_small"]
+__all__ = ["small_t_times", "small_t_times_config", "supported", "times_small", "times_small_config"]

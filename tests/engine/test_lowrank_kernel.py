@@ -97,3 +97,28 @@ def test_cpu_operands_take_torchs_products():
     assert lora_kernels._lowrank_kernel(x, a) is None
     assert torch.equal(lora_kernels._thin_t(u, x), u.t() @ x)
     assert torch.equal(lora_kernels._thin_t(u, x, 2.0, transposed=True), (x.t() @ u) * 2.0)
+
+
+@pytest.mark.parametrize("path", ["thin", "dequantize"])
+def test_running_out_of_memory_in_a_kernel_is_raised_and_leaves_it_on(monkeypatch, path):
+    # The trainer catches the error and retries with a smaller micro-batch; the kernels stay in use.
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(lora_kernels, "_LOWRANK_OFF", [])
+    monkeypatch.setattr(lora_kernels, "_KERNEL_OFF", [])
+    if path == "thin":
+        broken = type("Broken", (), {"times_small": staticmethod(out_of_memory)})
+        monkeypatch.setattr(lora_kernels, "_lowrank_kernel", lambda *t: broken)
+        with pytest.raises(torch.OutOfMemoryError):
+            lora_kernels._thin(torch.randn(32, 64), torch.randn(64, 8))
+    else:
+        import bitsandbytes.functional as bnbF
+
+        packed, state = bnbF.quantize_4bit(torch.randn(64, 128), blocksize=64, quant_type="nf4")
+        weight = torch.nn.Parameter(packed, requires_grad=False)
+        weight.quant_state = state
+        monkeypatch.setattr(lora_kernels, "_nf4_kernel", lambda d, s: out_of_memory)
+        with pytest.raises(torch.OutOfMemoryError):
+            lora_kernels._dequantize(weight)
+    assert lora_kernels._LOWRANK_OFF == [] and lora_kernels._KERNEL_OFF == []
