@@ -4,8 +4,8 @@
 #   bash bench/run_gpu.sh OUT_DIR [PART ...]
 #
 # PART is any of: tests fastpaths estimatetests perf1b perf8b estimate monitor optimizer profile1b profile8b memory1b
-# memory8b opcosts gemmfusion lowrank (default: tests perf1b). fastpaths: the engine's GPU tests only; estimatetests: the estimate's.
-# QS_CONTENDERS / QS_CONTENDERS_8B choose the harness rows; QS_MONITOR_ARGS passes options to monitor_cost.py; QS_PROFILE_SETS lists profile variants; QS_LOWRANK_ARGS=--sweep sweeps the thin-product kernels' configurations (QS_LOWRANK_SHAPE: 8b, 1b or both). Wheels of packages
+# memory8b opcosts gemmfusion (default: tests perf1b). fastpaths: the engine's GPU tests only; estimatetests: the estimate's.
+# QS_CONTENDERS / QS_CONTENDERS_8B choose the harness rows; QS_MONITOR_ARGS passes options to monitor_cost.py; QS_PROFILE_SETS lists profile variants. Wheels of packages
 # the GPU machine lacks are taken from .whl/ (and the Unsloth peer from .peer/) when present:
 # `bash ../shared/device/wheels.sh --peer gguf` fills them. Logs and result files go to OUT_DIR.
 set -uo pipefail
@@ -49,7 +49,6 @@ for part in $parts; do
       done ;;
     opcosts) python3 bench/op_costs.py --shape 8b ;;
     gemmfusion) python3 bench/gemm_fusion.py --shape 8b ;;
-    lowrank) python3 bench/lowrank_products.py --shape ${QS_LOWRANK_SHAPE:-both} ${QS_LOWRANK_ARGS:-} ;;
     optimizer) python3 bench/optimizer_step.py --shape 1b && python3 bench/optimizer_step.py --shape 8b ;;
     memory1b|memory8b)  # what is alive at the peak, with the defaults and with each QS_MEMORY_SETS entry (';'-separated KEY=VALUE lists)
       IFS=';' read -ra variants <<< "${QS_MEMORY_SETS:-}"

@@ -93,50 +93,6 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a @ b).float()
 
 
-_LOWRANK_OFF: list[str] = []  # why the thin-product kernels failed, once they have: torch's products from then on
-
-
-def _lowrank_kernel(*operands: torch.Tensor):
-    """lowrank_kernel where it runs for these operands (CUDA, a 16-bit dtype, Triton on a Turing or
-    newer GPU, and it has not failed before), else None."""
-    if _LOWRANK_OFF or not triton_runs(operands[0].device):
-        return None
-    try:
-        from . import lowrank_kernel
-    except ImportError:
-        return None
-    return lowrank_kernel if lowrank_kernel.supported(*operands) else None
-
-
-def _lowrank_failed(exc: BaseException) -> None:
-    kernel_failed(_LOWRANK_OFF, exc, log, "the LoRA thin-product kernels failed (%s); torch computes those products "
-                  "from now on (the same values, a little slower)")
-
-
-def _thin(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """``x @ s`` for a thin ``s`` (k × rank): the adapter's input ``x A^T``, or ``g B`` in backward."""
-    kernel = _lowrank_kernel(x, s)
-    if kernel is not None:
-        try:
-            return kernel.times_small(x, s)
-        except Exception as exc:  # noqa: BLE001 - a Triton that cannot build the kernel here (it fails before running)
-            _lowrank_failed(exc)
-    return x @ s
-
-
-def _thin_t(u: torch.Tensor, x: torch.Tensor, scale: float = 1.0, transposed: bool = False) -> torch.Tensor:
-    """``scale (u^T x)`` in fp32 for a thin ``u`` (tokens × rank): an adapter weight's gradient;
-    with ``transposed`` its transpose ``scale (x^T u)``, as B's gradient is laid out."""
-    kernel = _lowrank_kernel(u, x)
-    if kernel is not None:
-        try:
-            return kernel.small_t_times(u, x, scale, transposed)
-        except Exception as exc:  # noqa: BLE001 - as in _thin
-            _lowrank_failed(exc)
-    out = _mm_fp32(x.t(), u) if transposed else _mm_fp32(u.t(), x)
-    return out.mul_(scale) if scale != 1.0 else out
-
-
 class LoRA4bitFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_d, weight, lora_a, lora_b, scale: float, bias, keep_weight: bool = False):
@@ -146,7 +102,7 @@ class LoRA4bitFunction(torch.autograd.Function):
         dtype = x.dtype
         a = lora_a.to(dtype)
         b = (lora_b * scale).to(dtype)  # the scale goes into B's rows
-        xa = _thin(xd2, a.t())
+        xa = xd2 @ a.t()
         out = xa @ b.t()  # the adapter's term first, then the frozen weight's product is added to it in
         w = _dequantize(weight).to(dtype)  # cuBLAS's epilogue, instead of in a pass of its own over `out`
         out.addmm_(x2, w.t())
@@ -166,9 +122,9 @@ class LoRA4bitFunction(torch.autograd.Function):
     def backward(ctx, grad):
         xd2, xa, a, b = ctx.saved_tensors  # b: scale B
         g = grad.reshape(-1, grad.shape[-1]).to(xd2.dtype)
-        gb = _thin(g, b)  # scale (g B), (tokens, r)
-        grad_a = _thin_t(gb, xd2)
-        grad_b = _thin_t(xa, g, ctx.scale, transposed=True)
+        gb = g @ b  # scale (g B), (tokens, r)
+        grad_a = _mm_fp32(gb.t(), xd2)
+        grad_b = _mm_fp32(g.t(), xa).mul_(ctx.scale)
         grad_xd = None
         if ctx.same_input:
             grad_x = gb @ a  # the adapter's term first, as in forward
@@ -202,7 +158,7 @@ class LoRA4bitGroupFunction(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])
         dtype = x.dtype
         a_all = torch.cat(params[0::3]).to(dtype)  # the A's stacked: (sum of ranks, in)
-        xa = _thin(x2, a_all.t())
+        xa = x2 @ a_all.t()
         outs, bs, kept, start = [], [], [], 0
         for (weight, scale, rank, keep), lora_b, bias in zip(layout, params[1::3], params[2::3]):
             b = (lora_b * scale).to(dtype)
@@ -236,12 +192,12 @@ class LoRA4bitGroupFunction(torch.autograd.Function):
             else:
                 g = grad.reshape(-1, grad.shape[-1]).to(dtype)
                 gs.append(g)
-                gbs.append(_thin(g, b))  # scale (g B)
-                grad_b = _thin_t(xa[:, start:start + rank], g, scale, transposed=True)
+                gbs.append(g @ b)  # scale (g B)
+                grad_b = _mm_fp32(g.t(), xa[:, start:start + rank]).mul_(scale)
                 result += [slice(start, start + rank), grad_b, g.sum(0) if has_bias else None]
             start += rank
         gb = torch.cat(gbs, dim=1)
-        grad_a = _thin_t(gb, x2)  # every A's gradient in one product, row blocks of it
+        grad_a = _mm_fp32(gb.t(), x2)  # every A's gradient in one product, row blocks of it
         result[0::3] = [grad_a[rows] if rows is not None else None for rows in result[0::3]]
         grad_x = None
         if ctx.needs_input_grad[0]:

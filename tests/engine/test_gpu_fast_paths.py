@@ -159,35 +159,6 @@ def test_adapter_gradients_come_out_of_the_product_in_fp32():
     assert not torch.equal(got, (a @ b).float())
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_thin_product_kernels_give_the_products_as_closely_as_cublas(dtype):
-    pytest.importorskip("triton", reason="Triton is not installed")
-    from qlora_studio.engine import lora_kernels, lowrank_kernel
-
-    torch.manual_seed(0)
-    # the 8B shape's attention input and MLP gradient, and a shape with partial tiles and rank 24
-    for tokens, width, rank in [(4096, 4096, 48), (4096, 14336, 16), (1000, 320, 24)]:
-        x = torch.randn(tokens, width, device="cuda", dtype=dtype)
-        a = torch.randn(rank, width, device="cuda", dtype=dtype) * 0.02
-        assert lora_kernels._lowrank_kernel(x, a) is lowrank_kernel
-        exact = x.double() @ a.double().t()
-        got, cublas = lora_kernels._thin(x, a.t()), x @ a.t()
-        assert got.dtype == dtype and got.shape == (tokens, rank)
-        # both sum in fp32 and round once to the dtype: within a rounding step of it, as cuBLAS is
-        step = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
-        assert ((got.double() - exact).abs() <= step * exact.abs() + 1e-3).all()
-        assert ((cublas.double() - exact).abs() <= step * exact.abs() + 1e-3).all()
-        u = torch.randn(tokens, 2 * rank, device="cuda", dtype=dtype)[:, rank:]  # a column slice
-        exact_t = 0.5 * (u.double().t() @ x.double())
-        got_t = lora_kernels._thin_t(u, x, 0.5)
-        got_tt = lora_kernels._thin_t(u, x, 0.5, transposed=True)
-        assert got_t.dtype == got_tt.dtype == torch.float32 and got_tt.is_contiguous()
-        scale = exact_t.abs().max()
-        assert (got_t.double() - exact_t).abs().max() <= 1e-5 * scale
-        assert (got_tt.double() - exact_t.t()).abs().max() <= 1e-5 * scale
-    assert lora_kernels._LOWRANK_OFF == []
-
-
 def test_the_gpu_gathers_embedding_rows_from_pinned_cpu_memory():
     from qlora_studio.engine import offload
 

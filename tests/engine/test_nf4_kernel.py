@@ -74,3 +74,20 @@ def test_a_kernel_that_fails_leaves_bitsandbytes_for_the_rest_of_the_run(monkeyp
     assert calls == [1]
     assert lora_kernels._KERNEL_OFF == ["RuntimeError: the kernel could not be compiled"]
     assert "bitsandbytes dequantizes the weights from now on" in caplog.text
+
+
+def test_running_out_of_memory_in_the_kernel_is_raised_and_leaves_it_on(monkeypatch):
+    # The trainer catches the error and retries with a smaller micro-batch; the kernel stays in use.
+    import bitsandbytes.functional as bnbF
+
+    def out_of_memory(data, state):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    packed, state = bnbF.quantize_4bit(torch.randn(64, 128), blocksize=64, quant_type="nf4")
+    weight = torch.nn.Parameter(packed, requires_grad=False)
+    weight.quant_state = state
+    monkeypatch.setattr(lora_kernels, "_KERNEL_OFF", [])
+    monkeypatch.setattr(lora_kernels, "_nf4_kernel", lambda d, s: out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        lora_kernels._dequantize(weight)
+    assert lora_kernels._KERNEL_OFF == []
