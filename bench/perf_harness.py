@@ -199,6 +199,7 @@ ENGINE_VARIANTS = {
     "engine-bnb-dequant": {"nf4_kernel": False},          # bitsandbytes' NF4 dequantization, not the engine's kernel
     "engine-ungrouped": {"lora_groups": False},          # q/k/v and gate/up each through their own fused function
     "engine-dequant-again": {"keep_weights": False},      # backward dequantizes every weight again, none kept from recomputation
+    "engine-term-first": {"term_last": False},            # every adapter term first, the large product added in its epilogue
     "engine-block-copies": {"transient_outputs": False},  # a split layer's blocks copy their output out of the graph's buffer
     "engine-cpu-gather": {"gather_on_gpu": False},        # the CPU gathers the embedding rows and copies them to the GPU
     "engine-cupti": {"paging_counters": True},            # with the CUPTI paging counters collecting
@@ -234,6 +235,10 @@ def contender_engine(model_dir: Path, shape: str, steps: int, variant: str = "en
         from qlora_studio.engine import offload
 
         offload.keep_weights = lambda modules: 0
+    if "term_last" in overrides:
+        from qlora_studio.engine import lora_kernels
+
+        lora_kernels.TERM_LAST = False
     if "gather_on_gpu" in overrides:
         from qlora_studio.engine import offload
 

@@ -4,7 +4,7 @@
 #   bash bench/run_gpu.sh OUT_DIR [PART ...]
 #
 # PART is any of: tests fastpaths estimatetests perf1b perf8b estimate monitor optimizer profile1b profile8b memory1b
-# memory8b opcosts gemmfusion (default: tests perf1b). fastpaths: the engine's GPU tests only; estimatetests: the estimate's.
+# memory8b opcosts gemmfusion epilogue (default: tests perf1b). fastpaths: the engine's GPU tests only; estimatetests: the estimate's.
 # QS_CONTENDERS / QS_CONTENDERS_8B choose the harness rows; QS_MONITOR_ARGS passes options to monitor_cost.py; QS_PROFILE_SETS lists profile variants. Wheels of packages
 # the GPU machine lacks are taken from .whl/ (and the Unsloth peer from .peer/) when present:
 # `bash ../shared/device/wheels.sh --peer gguf` fills them. Logs and result files go to OUT_DIR.
@@ -49,6 +49,7 @@ for part in $parts; do
       done ;;
     opcosts) python3 bench/op_costs.py --shape 8b ;;
     gemmfusion) python3 bench/gemm_fusion.py --shape 8b ;;
+    epilogue) python3 bench/lora_epilogue.py --shape 8b && python3 bench/lora_epilogue.py --shape 1b ;;
     optimizer) python3 bench/optimizer_step.py --shape 1b && python3 bench/optimizer_step.py --shape 8b ;;
     memory1b|memory8b)  # what is alive at the peak, with the defaults and with each QS_MEMORY_SETS entry (';'-separated KEY=VALUE lists)
       IFS=';' read -ra variants <<< "${QS_MEMORY_SETS:-}"
