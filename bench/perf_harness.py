@@ -194,12 +194,13 @@ ENGINE_VARIANTS = {
     "engine-bnb-optimizer": {"fused_optimizer": False},   # bitsandbytes' per-parameter paged AdamW kernels
     "engine-eager": {"cuda_graphs": False},               # the layers launched from Python, not replayed as CUDA graphs
     "engine-loss-chunk-1024": {"loss_chunk_tokens": 1024},  # the chunked loss's earlier fixed chunk
+    "engine-loss-chunk-512": {"loss_chunk_tokens": 512},    # twice the chunk a 128k vocabulary gets
+    "engine-ahead-6": {"layers_ahead": 6},                  # the host queues up to 6 checkpointed passes ahead, not 3
     "engine-loss-torch": {"loss_kernel": False},          # the chunked loss in PyTorch operations, not its Triton kernel
     "engine-mlp-whole": {"mlp_tile_tokens": None},        # a split layer's MLP block on all tokens at once
     "engine-bnb-dequant": {"nf4_kernel": False},          # bitsandbytes' NF4 dequantization, not the engine's kernel
     "engine-ungrouped": {"lora_groups": False},          # q/k/v and gate/up each through their own fused function
     "engine-dequant-again": {"keep_weights": False},      # backward dequantizes every weight again, none kept from recomputation
-    "engine-term-first": {"term_last": False},            # every adapter term first, the large product added in its epilogue
     "engine-block-copies": {"transient_outputs": False},  # a split layer's blocks copy their output out of the graph's buffer
     "engine-cpu-gather": {"gather_on_gpu": False},        # the CPU gathers the embedding rows and copies them to the GPU
     "engine-cupti": {"paging_counters": True},            # with the CUPTI paging counters collecting
@@ -235,10 +236,10 @@ def contender_engine(model_dir: Path, shape: str, steps: int, variant: str = "en
         from qlora_studio.engine import offload
 
         offload.keep_weights = lambda modules: 0
-    if "term_last" in overrides:
-        from qlora_studio.engine import lora_kernels
+    if "layers_ahead" in overrides:
+        from qlora_studio.engine import offload
 
-        lora_kernels.TERM_LAST = False
+        offload.LAYERS_AHEAD = overrides["layers_ahead"]
     if "gather_on_gpu" in overrides:
         from qlora_studio.engine import offload
 

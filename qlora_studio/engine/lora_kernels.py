@@ -19,10 +19,7 @@ master copy); their gradients are accumulated in fp32 from compute-dtype product
 The adapter's rank-r term is computed first and the large product is added to it (``addmm_``):
 cuBLAS reads the term in the large product's epilogue, where a separate addition after it is a
 pass of its own over the output (those additions were about 5% of an 8B step's GPU time on an
-H200, bench/profile_step.py). Where the large product sums over more values than its output is
-wide (an MLP's down projection), cuBLAS is slower with an epilogue that reads the output than
-a rank-r product that adds the term afterwards: there the large product comes first
-(:func:`term_last`). ``scale`` is folded into B's rows. On a GPU the weight is
+H200, bench/profile_step.py). ``scale`` is folded into B's rows. On a GPU the weight is
 dequantized by nf4_kernel.py (bitsandbytes' values, in one pass), elsewhere by bitsandbytes.
 
 Projections that a model calls on one input, a layer's q/k/v and gate/up (:data:`GROUPS`), are
@@ -80,23 +77,6 @@ def _nf4_kernel(data: torch.Tensor, state):
     return nf4_kernel.dequantize_nf4 if nf4_kernel.supported(data, state) else None
 
 
-#: add the adapter's rank-r term to a large product whose sum is longer than its output is wide
-#: (term_last); turned off, every term is computed first and the large product added to it
-TERM_LAST = True
-
-
-def term_last(summed: int, width: int) -> bool:
-    """Whether a large product summing over ``summed`` values into ``width`` columns comes first and
-    the adapter's rank-r term is added to it after (a product over r values that reads and writes
-    the output), instead of the term first and the large product added in its epilogue.
-
-    cuBLAS picks slower kernels for a product that adds to its output: on an H200 an 8B layer's
-    down projection (a sum over 14,336 values into 4,096 columns) took about 100 µs longer so,
-    more than the term's pass over the output costs; for the other projections the epilogue costs
-    less than that pass (bench/lora_epilogue.py)."""
-    return TERM_LAST and summed > width
-
-
 _FP32_OUT_OFF: list[str] = []  # why torch.mm(..., out_dtype=float32) failed here, once it has
 
 
@@ -122,16 +102,10 @@ class LoRA4bitFunction(torch.autograd.Function):
         dtype = x.dtype
         a = lora_a.to(dtype)
         b = (lora_b * scale).to(dtype)  # the scale goes into B's rows
-        if term_last(x2.shape[1], lora_b.shape[0]):
-            w = _dequantize(weight).to(dtype)
-            out = x2 @ w.t()
-            xa = xd2 @ a.t()
-            out.addmm_(xa, b.t())
-        else:
-            xa = xd2 @ a.t()
-            out = xa @ b.t()  # the adapter's term first, then the frozen weight's product is added to it in
-            w = _dequantize(weight).to(dtype)  # cuBLAS's epilogue, instead of in a pass of its own over `out`
-            out.addmm_(x2, w.t())
+        xa = xd2 @ a.t()
+        out = xa @ b.t()  # the adapter's term first, then the frozen weight's product is added to it in
+        w = _dequantize(weight).to(dtype)  # cuBLAS's epilogue, instead of in a pass of its own over `out`
+        out.addmm_(x2, w.t())
         ctx.kept = [w] if keep_weight else None  # for backward, instead of dequantizing it again there
         del w
         if bias is not None:
@@ -152,18 +126,12 @@ class LoRA4bitFunction(torch.autograd.Function):
         grad_a = _mm_fp32(gb.t(), xd2)
         grad_b = _mm_fp32(g.t(), xa).mul_(ctx.scale)
         grad_xd = None
-        last = ctx.same_input and term_last(g.shape[1], xd2.shape[1])
-        if last:
-            grad_x = None
-        elif ctx.same_input:
+        if ctx.same_input:
             grad_x = gb @ a  # the adapter's term first, as in forward
         else:
             grad_xd = (gb @ a).view(ctx.shape)
         w = _weight(ctx.weight, ctx.kept, 0, g.dtype)
-        if last:
-            grad_x = g @ w
-            grad_x.addmm_(gb, a)
-        elif ctx.same_input:
+        if ctx.same_input:
             grad_x.addmm_(g, w)
         else:
             grad_x = g @ w
@@ -194,14 +162,9 @@ class LoRA4bitGroupFunction(torch.autograd.Function):
         outs, bs, kept, start = [], [], [], 0
         for (weight, scale, rank, keep), lora_b, bias in zip(layout, params[1::3], params[2::3]):
             b = (lora_b * scale).to(dtype)
-            if term_last(x2.shape[1], lora_b.shape[0]):
-                w = _dequantize(weight).to(dtype)
-                out = x2 @ w.t()
-                out.addmm_(xa[:, start:start + rank], b.t())
-            else:
-                out = xa[:, start:start + rank] @ b.t()  # the adapter's term, then the weight's product added in
-                w = _dequantize(weight).to(dtype)
-                out.addmm_(x2, w.t())
+            out = xa[:, start:start + rank] @ b.t()  # the adapter's term, then the weight's product added in
+            w = _dequantize(weight).to(dtype)
+            out.addmm_(x2, w.t())
             kept.append(w if keep else None)
             del w
             if bias is not None:
@@ -238,19 +201,12 @@ class LoRA4bitGroupFunction(torch.autograd.Function):
         result[0::3] = [grad_a[rows] if rows is not None else None for rows in result[0::3]]
         grad_x = None
         if ctx.needs_input_grad[0]:
-            used = [(i, g) for i, g in enumerate(gs) if g is not None]
-            last = bool(used) and term_last(used[0][1].shape[1], x2.shape[1])
-            if not last:
-                grad_x = gb @ a_all  # the adapters' terms, then each weight's product added in
-            for i, g in used:
-                w = _weight(ctx.layout[i][0], ctx.kept, i, dtype)
-                if grad_x is None:
-                    grad_x = g @ w  # the first weight's product, the others and the terms added to it
-                else:
+            grad_x = gb @ a_all  # the adapters' terms, then each weight's product added in
+            for i, ((weight, _, _, _), g) in enumerate(zip(ctx.layout, gs)):
+                if g is not None:
+                    w = _weight(weight, ctx.kept, i, dtype)
                     grad_x.addmm_(g, w)
-                del w
-            if last:
-                grad_x.addmm_(gb, a_all)
+                    del w
             grad_x = grad_x.view(ctx.shape)
         ctx.kept = None
         return (grad_x, None, *result)

@@ -51,26 +51,6 @@ def test_fused_layers_match_peft(demo_template, dtype, rtol):
         assert (a - b).norm() <= rtol * b.norm() + 1e-6, name
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_the_adapters_term_first_or_last_gives_the_same_loss_and_gradients(demo_template, monkeypatch, dropout):
-    # The demo's down projection sums over 768 values into 256 columns (and gate/up's input gradient
-    # over 768 into 256): the large product comes first there by default.
-    from qlora_studio.engine import lora_kernels
-
-    assert lora_kernels.term_last(768, 256) and not lora_kernels.term_last(256, 768)
-    results = []
-    for last in (True, False):
-        monkeypatch.setattr(lora_kernels, "TERM_LAST", last)
-        model, tok = _model(demo_template, torch.float32, fused=True, dropout=dropout)
-        torch.manual_seed(5)  # the same dropout masks
-        results.append(_grads(model, tok, demo_template))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-5)
-    assert grads_a.keys() == grads_b.keys()
-    for name in grads_a:
-        assert (grads_a[name] - grads_b[name]).norm() <= 1e-5 * grads_b[name].norm() + 1e-8, name
-
-
 def test_fused_layer_with_dropout_and_disabled_adapter(demo_template):
     model, tok = _model(demo_template, torch.float32, fused=True, dropout=0.1)
     ids = torch.randint(3, 900, (2, 12))
