@@ -1343,16 +1343,21 @@ class _StepSimulation:
         finally:
             self.t, self.grads_present = t, present
 
-    def _forward_pass(self, kind: str, x: int, input_grad: bool) -> int:
-        """A checkpointed pass under no_grad: its output (a replay's, copied out of the graph)."""
+    def _forward_pass(self, kind: str, x: int, input_grad: bool) -> int | None:
+        """A checkpointed pass under no_grad: its output (a replay's, copied out of the graph), or None
+        for a split layer's block whose replay hands over the graph's buffer itself
+        (LayerGraphs.transient_output: nothing new is allocated)."""
         tl, tiles = self.tl, self._tiles(kind)
+        in_buffer = self.graphs and kind != "layer" and self.s.get("transient_outputs", False)
         if tiles is not None:  # each range's output is copied into one tensor
             with tl.graph(CUBLAS_WORKSPACE) if self.graphs else contextlib.nullcontext():
                 out = tl.alloc(self.c * self.info.hidden_size * self.t)
                 for i, n in enumerate(tiles):
                     with self._tokens(n, i == 0):
                         tl.free(self.block_forward(kind, x, input_grad, keep=False)[0])
-            return out if not self.graphs else tl.alloc(self.c * self.info.hidden_size * self.t)
+            if not self.graphs:
+                return out
+            return None if in_buffer else tl.alloc(self.c * self.info.hidden_size * self.t)
         if not self.graphs:
             if kind == "layer":
                 return self.layer_forward(x, input_grad, keep=False)[0]
@@ -1362,7 +1367,7 @@ class _StepSimulation:
                 self.layer_forward(x, input_grad, keep=False)
             else:
                 self.block_forward(kind, x, input_grad, keep=False)
-        return tl.alloc(self.c * self.info.hidden_size * self.t)
+        return None if in_buffer else tl.alloc(self.c * self.info.hidden_size * self.t)
 
     def _backward_pass(self, kind: str, x: int, grad: int, input_grad: bool) -> int | None:
         """A checkpointed pass recomputed and differentiated; the input's gradient."""
@@ -1424,11 +1429,13 @@ class _StepSimulation:
             return out
         a = self._forward_pass("attn", x, input_grad)
         h1 = tl.alloc(c * h * t)  # the residual add
-        tl.free(a)
+        if a is not None:
+            tl.free(a)
         self._offloaded(x)
         m = self._forward_pass("mlp", h1, True)
         out = tl.alloc(c * h * t)
-        tl.free(m)
+        if m is not None:
+            tl.free(m)
         self._offloaded(h1)
         return out
 
@@ -1769,6 +1776,9 @@ def _settings(run: RunConfig, seq: int | None = None, batch: int | None = None, 
         "nf4_kernel": cuda and triton_installed() and run.quant.quant_type == "nf4",
         # with offloaded checkpoints only: the simulation checks
         "cuda_graphs": cuda and bool(getattr(t, "cuda_graphs", False)),
+        # with the graphs, a split layer's blocks hand their output over in the graph's buffer
+        # (offload.TRANSIENT_BLOCK_OUTPUTS)
+        "transient_outputs": True,
         "padded": False,
         "device": "cuda",
     }

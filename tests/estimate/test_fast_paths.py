@@ -100,12 +100,13 @@ def test_offload_needs_gradient_checkpointing():
     assert "checkpointed layer inputs" not in E.format_report(without)
 
 
-def simulated_step(layers: int, keep_weights: bool = True, **train) -> E._Timeline:
+def simulated_step(layers: int, keep_weights: bool = True, transient_outputs: bool = True, **train) -> E._Timeline:
     """One micro-step of the 8B shape, every allocation recorded."""
     info = modelinfo.describe({**LLAMA_8B, "num_hidden_layers": layers})
     s = E._settings(run_config(train={"micro_batch_size": 2, "grad_accum_steps": 1, **train},
                                data={"max_seq_len": 2048}, lora={"r": 16}), liger=False)
     s["keep_weights"] = keep_weights
+    s["transient_outputs"] = transient_outputs
     targets = E.lora_targets(info, s["target_modules"])
     shape = E.Shape(2, 2048, 2, s["attention"], s["lora_dropout"], s["lora_r"], False)
     tl = E._Timeline({}, record=True)
@@ -167,6 +168,25 @@ def test_split_layers_keep_weights_from_recomputation_to_backward():
         kept, again = dequantized(layers, True), dequantized(layers, False)
         assert len(again) - len(kept) == 2 + 5 * (layers - 1)
         assert sum(again) - sum(kept) == 2 * (h * h + i * h) + (layers - 1) * 2 * (2 * h * h + 2 * kv * h + i * h)
+
+
+def test_split_blocks_hand_their_output_over_in_the_graphs_buffer():
+    # offload.TRANSIENT_BLOCK_OUTPUTS: with the graphs, a block's forward output is the graph's
+    # buffer, not a copy of it; two hidden-sized tensors fewer per layer, and a lower forward peak
+    hidden = 2 * LLAMA_8B["hidden_size"] * 2 * 2048
+
+    def copies(layers, transient):
+        sim = simulated_step(layers, transient_outputs=transient)
+        return sum(1 for _, n, _ in sim.events if n == hidden), sim
+
+    for layers in (1, 3):
+        (kept, handed), (copied, copying) = copies(layers, True), copies(layers, False)
+        assert copied - kept == 2 * layers
+        assert handed.peak <= copying.peak
+    assert point().settings["transient_outputs"] is True
+    # without the graphs there is no buffer to hand over: the setting changes nothing
+    eager = [simulated_step(2, cuda_graphs=False, transient_outputs=t).events for t in (True, False)]
+    assert eager[0] == eager[1]
 
 
 def test_a_layer_with_four_norms_is_recomputed_whole():
