@@ -23,8 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import write_result
-from op_costs import shape_arguments, timed
-from perf_harness import SHAPES
+from op_costs import layer_dims, shape_arguments, timed
 
 
 def main() -> int:
@@ -32,10 +31,7 @@ def main() -> int:
 
     import torch
 
-    s = SHAPES[args.shape]
-    hidden, inter, layers = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
-    kv = s["num_key_value_heads"] * (hidden // s["num_attention_heads"])
-    tokens = s["batch"] * s["seq"]
+    hidden, inter, layers, kv, tokens = layer_dims(args.shape)
     dev, dt = torch.device("cuda"), torch.bfloat16
     torch.manual_seed(0)
     groups = {"qkv": [hidden, kv, kv], "gate_up": [inter, inter]}

@@ -22,8 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import write_result
-from op_costs import graphed, shape_arguments
-from perf_harness import SHAPES
+from op_costs import graphed, layer_dims, shape_arguments
 
 
 def main() -> int:
@@ -31,10 +30,7 @@ def main() -> int:
 
     import torch
 
-    s = SHAPES[args.shape]
-    hidden, inter, layers = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
-    kv = s["num_key_value_heads"] * (hidden // s["num_attention_heads"])
-    tokens = s["batch"] * s["seq"]
+    hidden, inter, layers, kv, tokens = layer_dims(args.shape)
     dev, dt, r = torch.device("cuda"), torch.bfloat16, args.rank
     torch.manual_seed(0)
     rows = {}

@@ -75,6 +75,14 @@ def graphed(fn, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+def layer_dims(shape: str) -> tuple[int, int, int, int, int]:
+    """(hidden size, MLP width, layers, key/value width, tokens of a micro-batch) of a harness shape."""
+    s = SHAPES[shape]
+    hidden = s["hidden_size"]
+    kv = s["num_key_value_heads"] * (hidden // s["num_attention_heads"])
+    return hidden, s["intermediate_size"], s["num_hidden_layers"], kv, s["batch"] * s["seq"]
+
+
 def shape_arguments(description: str) -> argparse.Namespace:
     """The options of the per-operation scripts (this one, gemm_fusion.py, lora_epilogue.py): the shape and the LoRA rank."""
     ap = argparse.ArgumentParser(description=description)
