@@ -172,7 +172,7 @@ def test_split_layers_keep_weights_from_recomputation_to_backward():
 
 def test_split_blocks_hand_their_output_over_in_the_graphs_buffer():
     # offload.TRANSIENT_BLOCK_OUTPUTS: with the graphs, a block's forward output is the graph's
-    # buffer, not a copy of it; two hidden-sized tensors fewer per layer, and a lower forward peak
+    # buffer, not a copy of it: two hidden-sized tensors fewer per layer, and never a higher peak
     hidden = 2 * LLAMA_8B["hidden_size"] * 2 * 2048
 
     def copies(layers, transient):
