@@ -203,6 +203,7 @@ ENGINE_VARIANTS = {
     "engine-dequant-again": {"keep_weights": False},      # backward dequantizes every weight again, none kept from recomputation
     "engine-block-copies": {"transient_outputs": False},  # a split layer's blocks copy their output out of the graph's buffer
     "engine-cpu-gather": {"gather_on_gpu": False},        # the CPU gathers the embedding rows and copies them to the GPU
+    "engine-recompute-all": {"skip_products": False},     # a split block's recomputation computes its last projection's output too
     "engine-cupti": {"paging_counters": True},            # with the CUPTI paging counters collecting
     "engine-auto": {"auto": True},                        # the settings it picks by itself for the GPU
 }
@@ -248,6 +249,10 @@ def contender_engine(model_dir: Path, shape: str, steps: int, variant: str = "en
         from qlora_studio.engine import offload
 
         offload.TRANSIENT_BLOCK_OUTPUTS = False
+    if "skip_products" in overrides:
+        from qlora_studio.engine import lora_kernels
+
+        lora_kernels.SKIP_UNUSED_PRODUCTS = False
     if "lora_groups" in overrides:
         from qlora_studio.engine import lora_kernels
 

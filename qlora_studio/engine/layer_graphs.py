@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 
+from .lora_kernels import recomputation
 from .offload import tiled_forward
 
 log = logging.getLogger(__name__)
@@ -377,8 +378,9 @@ class LayerGraphs:
             adapters' gradients to their buffers and put the input's gradient over the output's."""
             h = (buffers.hidden if part is None else _tokens(buffers.hidden)[part]).detach().requires_grad_(input_grad)
             grad = buffers.grad if part is None else _tokens(buffers.grad)[part]
-            with torch.enable_grad():
+            with torch.enable_grad(), recomputation() as record:
                 out = fn(h)
+            record.check(out)
             if not isinstance(out, torch.Tensor) or not out.requires_grad:
                 raise NotGraphable("its output is not one tensor that needs a gradient")
             inputs = ([h] if input_grad else []) + params

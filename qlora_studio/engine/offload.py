@@ -22,7 +22,7 @@ import weakref
 
 import torch
 
-from .lora_kernels import keep_weights
+from .lora_kernels import keep_weights, output_unused_in_recomputation, recomputation
 
 _streams: dict[int, torch.cuda.Stream] = {}
 #: the MLP block of a split layer runs on at most this many tokens at a time (token_tiles) ...
@@ -144,8 +144,9 @@ def _tiled_backward(run, hidden: torch.Tensor, grad: torch.Tensor, tiles: list[s
     grad_in = torch.empty_like(flat) if hidden.requires_grad else None
     for part in tiles:
         h = flat[part].detach().requires_grad_(hidden.requires_grad)
-        with torch.enable_grad():
+        with torch.enable_grad(), recomputation() as record:
             out = run(h)
+        record.check(out)
         if out.requires_grad:
             torch.autograd.backward(out, grad[part])
         if grad_in is not None:
@@ -182,8 +183,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             if not done and tiles is not None and grads[0] is not None:
                 done, grad_in = True, _tiled_backward(ctx.run, hidden, grads[0], tiles)
             if not done:
-                with torch.enable_grad():
+                with torch.enable_grad(), recomputation() as record:
                     out = ctx.run(hidden, *ctx.rest)
+                record.check(out)
         if not done:
             outs = out if isinstance(out, tuple) else (out,)
             pairs = [(o, g) for o, g in zip(outs, grads)
@@ -363,6 +365,9 @@ def split_layer(layer: torch.nn.Module, graphs_for=lambda module: None, tile: in
     # Backward recomputes a block and differentiates it at once: the attention block's projections
     # and the MLP's last one keep their dequantized weight from the one to the other.
     keep_weights([*attn.modules(), getattr(mlp, "down_proj", None)])
+    # The blocks' last projections: their outputs are the blocks' outputs, which a recomputation
+    # passes only to the block's backward; it skips their products (checked first, lora_kernels).
+    output_unused_in_recomputation([getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None)])
     return True
 
 

@@ -188,3 +188,25 @@ def test_replays_after_optimizer_steps_read_the_updated_adapters(demo_template):
             assert model.layer_graphs.graphs > 0 and model.layer_graphs.disabled is None
     assert runs[True] == pytest.approx(runs[False], rel=1e-4)
     assert len(set(runs[False])) == 4
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_recomputation_without_the_blocks_last_products_gives_checkpointings_gradients(demo_template, monkeypatch,
+                                                                                        graphs):
+    # Ordinary checkpointing recomputes every output; the offloaded split blocks skip o_proj's and
+    # down_proj's products from their second recomputation on (lora_kernels.recomputation), eager
+    # or recorded. Four passes each: the same losses and gradients.
+    from qlora_studio.engine import lora_kernels
+
+    skipped = []
+    apply = lora_kernels.LoRA4bitFunction.apply
+    monkeypatch.setattr(lora_kernels.LoRA4bitFunction, "apply", lambda *a: skipped.append(a[-1]) or apply(*a))
+    reference, _, _ = _passes(demo_template, 0.1, offload_checkpoints=False, cuda_graphs=False)
+    assert skipped and not any(skipped)
+    skipped.clear()
+    result, info, _ = _passes(demo_template, 0.1, cuda_graphs=graphs)
+    assert "offload_checkpoints" in info.fast_paths
+    assert any(skipped)
+    for (loss_ref, grads_ref), (loss, grads) in zip(reference, result):
+        assert loss == pytest.approx(loss_ref, rel=1e-5)
+        close(grads_ref, grads, 1e-3)

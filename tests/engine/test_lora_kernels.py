@@ -210,3 +210,99 @@ def test_a_group_output_nothing_uses_leaves_its_adapter_without_gradient(demo_te
     torch.testing.assert_close(grouped_x, alone_x, rtol=1e-5, atol=1e-6)
     for a, b in zip(grouped[:2], alone[:2]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _block_grads(block, x, lora_kernels=None, scale=None):
+    """The input's and the adapters' gradients of ``block`` (a layer's MLP) for the output gradient
+    ``x * 0.5 + 1``; inside a recomputation when ``lora_kernels`` is given, ``scale``: a factor after it."""
+    for p in block.parameters():
+        p.grad = None
+    h = x.clone().requires_grad_(True)
+    run = (lambda t: block(t) * scale) if scale is not None else block
+    if lora_kernels is None:
+        out = run(h)
+    else:
+        with lora_kernels.recomputation() as record:
+            out = run(h)
+        record.check(out)
+    out.backward(x * 0.5 + 1)
+    return [h.grad.clone()] + [p.grad.clone() for p in block.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_a_recomputed_blocks_last_projection_skips_its_product_once_checked(demo_template, monkeypatch, dropout):
+    from qlora_studio.engine import lora_kernels
+
+    model, _ = _model(demo_template, torch.float32, fused=True, dropout=dropout)
+    mlp = model.base_model.model.model.layers[0].mlp
+    down = mlp.down_proj
+    assert lora_kernels.output_unused_in_recomputation([down, None, mlp.act_fn]) == 1
+    dequantize = lora_kernels._dequantize
+    calls = []
+    monkeypatch.setattr(lora_kernels, "_dequantize", lambda weight: calls.append(weight) or dequantize(weight))
+    torch.manual_seed(4)
+    x = torch.randn(2, 6, down.out_features)
+    model.eval()
+    with torch.no_grad():
+        output = mlp(x)
+    model.train()
+
+    def grads(**kwargs):
+        torch.manual_seed(5)  # the same dropout masks
+        calls.clear()
+        return _block_grads(mlp, x, **kwargs)
+
+    reference = grads()
+    forward_dequantized = sum(w is down.base_layer.weight for w in calls)
+    assert forward_dequantized == 2  # forward and backward: nothing is kept here
+    checked = grads(lora_kernels=lora_kernels)  # the first recomputation computes it and checks the claim
+    assert down.__dict__["_output_unused"] is True
+    assert sum(w is down.base_layer.weight for w in calls) == 2
+    skipped = grads(lora_kernels=lora_kernels)
+    # the skipped product needs no weight: only backward dequantizes it
+    assert sum(w is down.base_layer.weight for w in calls) == 1
+    for ref, a, b in zip(reference, checked, skipped):
+        assert ref.norm() > 0
+        assert torch.equal(ref, a) and torch.equal(ref, b)
+    # outside a recomputation it computes its output as before
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(mlp(x), output) and output.abs().sum() > 0
+
+
+def test_a_block_that_reads_its_last_projections_output_turns_the_skip_off(demo_template):
+    from qlora_studio.engine import lora_kernels
+
+    model, _ = _model(demo_template, torch.float32, fused=True)
+    mlp = model.base_model.model.model.layers[0].mlp
+    down = mlp.down_proj
+    lora_kernels.output_unused_in_recomputation([down])
+    torch.manual_seed(4)
+    x = torch.randn(2, 6, down.out_features)
+    reference = _block_grads(mlp, x, scale=3.0)
+    checked = _block_grads(mlp, x, lora_kernels, scale=3.0)  # the block scales the output: claim refuted
+    assert down.__dict__["_output_unused"] is False
+    again = _block_grads(mlp, x, lora_kernels, scale=3.0)
+    for ref, a, b in zip(reference, checked, again):
+        assert torch.equal(ref, a) and torch.equal(ref, b)
+    # a claim once checked that a block later breaks is an error, never a silent gradient
+    down.__dict__["_output_unused"] = True
+    with pytest.raises(RuntimeError, match="skipped in recomputation"):
+        _block_grads(mlp, x, lora_kernels, scale=3.0)
+    assert down.__dict__["_output_unused"] is False
+
+
+def test_without_the_setting_a_recomputation_computes_every_output(demo_template, monkeypatch):
+    from qlora_studio.engine import lora_kernels
+
+    model, _ = _model(demo_template, torch.float32, fused=True)
+    mlp = model.base_model.model.model.layers[0].mlp
+    lora_kernels.output_unused_in_recomputation([mlp.down_proj])
+    monkeypatch.setattr(lora_kernels, "SKIP_UNUSED_PRODUCTS", False)
+    skipped = []
+    apply = lora_kernels.LoRA4bitFunction.apply
+    monkeypatch.setattr(lora_kernels.LoRA4bitFunction, "apply", lambda *a: skipped.append(a[-1]) or apply(*a))
+    x = torch.randn(2, 6, mlp.down_proj.out_features)
+    for _ in range(2):
+        _block_grads(mlp, x, lora_kernels)
+    assert mlp.down_proj.__dict__["_output_unused"] is True and not any(skipped)
