@@ -13,7 +13,9 @@ shape, and from then on replays them:
 
 * **forward**, the pass under ``no_grad`` whose output goes on to the next layer;
 * **backward**, the recomputed forward with autograd and the gradients of the layer's input and of
-  its adapters; the adapters' gradients are added to their ``.grad``.
+  its adapters; the adapters' gradients are added to their ``.grad``. A split layer's block is
+  recomputed without its last projection's product, whose output nothing reads there
+  (lora_kernels.recomputation).
 
 The graphs hold the kernels that the eager layer launches, on the same inputs: the arithmetic is
 unchanged, dropout masks included (a replay draws from the CUDA generator as the eager call would,

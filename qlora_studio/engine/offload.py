@@ -312,6 +312,9 @@ def split_layer(layer: torch.nn.Module, graphs_for=lambda module: None, tile: in
     time (``offloaded_checkpoint(tile=...)``, :func:`mlp_tile`): its intermediates, several times
     the hidden size wide, exist for one range of tokens at once. Each token's values are those of
     the whole layer's recomputation; the adapters' gradients are summed over the ranges.
+    The recomputation skips the blocks' last projections' products (o_proj, down_proj): a block's
+    output goes only into the block's own backward, which never reads its values
+    (lora_kernels.recomputation, checked per layer before the first skip).
 
     It works on the layer's children in place, so the model's structure and weights' names stay:
     while training with gradients, each norm passes its input through and the block after it
