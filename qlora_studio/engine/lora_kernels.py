@@ -302,22 +302,22 @@ class Recomputation:
     """The marked layers called in one recomputation of a block, with their outputs."""
 
     def __init__(self):
-        self.calls: list[tuple[torch.nn.Module, torch.Tensor, bool]] = []
+        self.calls: list[tuple[torch.nn.Module, torch.Tensor, int, bool]] = []
 
     def skips(self, module: torch.nn.Module) -> bool:
         return SKIP_UNUSED_PRODUCTS and torch.is_grad_enabled() and module.__dict__.get("_output_unused") is True
 
     def note(self, module: torch.nn.Module, out: torch.Tensor, skipped: bool) -> None:
         if skipped or module.__dict__.get("_output_unused") is None:
-            self.calls.append((module, out, skipped))
+            self.calls.append((module, out, out._version, skipped))
 
     def check(self, out) -> None:
         """The block returned ``out``: settle the claims it checked; a skipped output that the block
-        did not return itself (a model whose structure changed between passes) is an error, since
-        what was computed from it is not the block's arithmetic."""
+        did not return itself, unchanged (a model whose structure changed between passes), is an
+        error, since what was computed from it is not the block's arithmetic."""
         calls, self.calls = self.calls, []
-        for module, output, skipped in calls:
-            returned = output is out
+        for module, output, version, skipped in calls:
+            returned = output is out and output._version == version  # not changed in place either
             if skipped and not returned:
                 module.__dict__["_output_unused"] = False
                 raise RuntimeError(f"{type(module).__name__}: an output skipped in recomputation was read by the "

@@ -306,3 +306,24 @@ def test_without_the_setting_a_recomputation_computes_every_output(demo_template
     for _ in range(2):
         _block_grads(mlp, x, lora_kernels)
     assert mlp.down_proj.__dict__["_output_unused"] is True and not any(skipped)
+
+
+
+def test_an_output_changed_in_place_after_the_projection_refutes_the_claim():
+    # (PyTorch refuses in-place changes of the fused function's own output; a block could still
+    # return it changed through another route, such as a module of its own that wraps it.)
+    from qlora_studio.engine import lora_kernels
+
+    layer = torch.nn.Module()
+    layer.__dict__["_output_unused"] = None
+    out = torch.ones(3)
+    with lora_kernels.recomputation() as record:
+        record.note(layer, out, skipped=False)
+        out.mul_(2)
+    record.check(out)
+    assert layer.__dict__["_output_unused"] is False
+    layer.__dict__["_output_unused"] = None
+    with lora_kernels.recomputation() as record:
+        record.note(layer, out, skipped=False)
+    record.check(out)
+    assert layer.__dict__["_output_unused"] is True
