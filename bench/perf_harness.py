@@ -207,10 +207,25 @@ ENGINE_VARIANTS = {
     "engine-cupti": {"paging_counters": True},            # with the CUPTI paging counters collecting
     "engine-auto": {"auto": True},                        # the settings it picks by itself for the GPU
 }
+# The rows' overrides that are no setting: (engine module, its attribute, the attribute's value
+# from the override's value), set in the contender's own process.
+_ENGINE_SWITCHES = {
+    "loss_kernel": ("losses", "_kernel", lambda off: lambda hidden: None),
+    "nf4_kernel": ("lora_kernels", "_nf4_kernel", lambda off: lambda data, state: None),
+    "keep_weights": ("offload", "keep_weights", lambda off: lambda modules: 0),
+    "layers_ahead": ("offload", "LAYERS_AHEAD", lambda n: n),
+    "gather_on_gpu": ("offload", "GATHER_ON_GPU", lambda on: on),
+    "transient_outputs": ("offload", "TRANSIENT_BLOCK_OUTPUTS", lambda on: on),
+    "skip_products": ("lora_kernels", "SKIP_UNUSED_PRODUCTS", lambda on: on),
+    "lora_groups": ("lora_kernels", "GROUPS", lambda off: ()),
+    "mlp_tile_tokens": ("offload", "mlp_tile", lambda tile: lambda model, max_tokens: tile),
+}
 _CONFIG_KEYS = ("fused_lora", "fused_kernels", "offload_checkpoints", "embeddings_on_cpu", "fused_optimizer", "cuda_graphs")
 
 
 def contender_engine(model_dir: Path, shape: str, steps: int, variant: str = "engine"):
+    import importlib
+
     import torch
 
     from qlora_studio import config as C
@@ -225,42 +240,9 @@ def contender_engine(model_dir: Path, shape: str, steps: int, variant: str = "en
     cfg = run_config(model_dir, shape, **{k: v for k, v in settings.items() if k in ("gradient_checkpointing", "loss_impl")})
     cfg = C.replace(cfg, train={k: v for k, v in overrides.items() if k in _CONFIG_KEYS})
     settings.update({k: v for k, v in overrides.items() if k != "auto"})
-    if "loss_kernel" in overrides:
-        from qlora_studio.engine import losses
-
-        losses._kernel = lambda hidden: None
-    if "nf4_kernel" in overrides:
-        from qlora_studio.engine import lora_kernels
-
-        lora_kernels._nf4_kernel = lambda data, state: None
-    if "keep_weights" in overrides:
-        from qlora_studio.engine import offload
-
-        offload.keep_weights = lambda modules: 0
-    if "layers_ahead" in overrides:
-        from qlora_studio.engine import offload
-
-        offload.LAYERS_AHEAD = overrides["layers_ahead"]
-    if "gather_on_gpu" in overrides:
-        from qlora_studio.engine import offload
-
-        offload.GATHER_ON_GPU = False
-    if "transient_outputs" in overrides:
-        from qlora_studio.engine import offload
-
-        offload.TRANSIENT_BLOCK_OUTPUTS = False
-    if "skip_products" in overrides:
-        from qlora_studio.engine import lora_kernels
-
-        lora_kernels.SKIP_UNUSED_PRODUCTS = False
-    if "lora_groups" in overrides:
-        from qlora_studio.engine import lora_kernels
-
-        lora_kernels.GROUPS = ()
-    if "mlp_tile_tokens" in overrides:
-        from qlora_studio.engine import offload
-
-        offload.mlp_tile = lambda model, max_tokens: overrides["mlp_tile_tokens"]
+    for key, (module, attribute, value) in _ENGINE_SWITCHES.items():
+        if key in overrides:
+            setattr(importlib.import_module(f"qlora_studio.engine.{module}"), attribute, value(overrides[key]))
     if "loss_chunk_tokens" in overrides:
         trainer.LOSS_CHUNK_TOKENS = overrides["loss_chunk_tokens"]
         trainer.LOSS_LOGITS_BYTES = 1 << 40

@@ -131,3 +131,21 @@ def test_memory_peak_leaves_the_graphs_pool_out_of_the_allocators_peak():
     assert peak == 1040
     assert sum(n for _, n in sites) == 40
     assert peak_breakdown(trace, 1000)[0] == 1080  # without the pool's ranges, as the allocator counts
+
+
+def test_every_harness_row_turns_off_something_that_exists():
+    # A row's override that names an engine attribute which was renamed would set a new attribute
+    # nobody reads: the row would measure the defaults under another name.
+    import importlib
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import perf_harness
+    finally:
+        sys.path.remove(str(BENCH))
+    handled = set(perf_harness._CONFIG_KEYS) | set(perf_harness._ENGINE_SWITCHES) | {
+        "auto", "loss_chunk_tokens", "paging_counters"}
+    for row, overrides in perf_harness.ENGINE_VARIANTS.items():
+        assert set(overrides) <= handled, row
+    for key, (module, attribute, _) in perf_harness._ENGINE_SWITCHES.items():
+        assert hasattr(importlib.import_module(f"qlora_studio.engine.{module}"), attribute), key
