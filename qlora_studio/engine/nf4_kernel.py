@@ -16,6 +16,8 @@ then cast to the weight's dtype. The results are bit for bit bitsandbytes'. CUDA
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -48,9 +50,7 @@ def _nf4(packed, absmax, code2, absmax2, offset, table, out, n_bytes, HALF_BLOCK
 def supported(weight: torch.Tensor, state) -> bool:
     """Whether :func:`dequantize_nf4` takes this packed weight and its bitsandbytes QuantState."""
     nested = bool(getattr(state, "nested", False))
-    numel = 1
-    for d in state.shape:
-        numel *= d
+    numel = math.prod(state.shape)
     return (weight.is_cuda and weight.dtype == torch.uint8 and weight.is_contiguous()
             and state.quant_type == "nf4" and state.dtype in (torch.bfloat16, torch.float16, torch.float32)
             and state.blocksize % 2 == 0 and numel % 2 == 0 and weight.numel() * 2 == numel
