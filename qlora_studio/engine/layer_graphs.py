@@ -15,7 +15,7 @@ shape, and from then on replays them:
 * **backward**, the recomputed forward with autograd and the gradients of the layer's input and of
   its adapters; the adapters' gradients are added to their ``.grad``. A split layer's block is
   recomputed without its last projection's product, whose output nothing reads there
-  (lora_kernels.recomputation).
+  (lora_kernels.recompute).
 
 The graphs hold the kernels that the eager layer launches, on the same inputs: the arithmetic is
 unchanged, dropout masks included (a replay draws from the CUDA generator as the eager call would,
@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from .lora_kernels import recomputation
+from .lora_kernels import recompute
 from .offload import tiled_forward
 
 log = logging.getLogger(__name__)
@@ -380,9 +380,7 @@ class LayerGraphs:
             adapters' gradients to their buffers and put the input's gradient over the output's."""
             h = (buffers.hidden if part is None else _tokens(buffers.hidden)[part]).detach().requires_grad_(input_grad)
             grad = buffers.grad if part is None else _tokens(buffers.grad)[part]
-            with torch.enable_grad(), recomputation() as record:
-                out = fn(h)
-            record.check(out)
+            out = recompute(fn, h)
             if not isinstance(out, torch.Tensor) or not out.requires_grad:
                 raise NotGraphable("its output is not one tensor that needs a gradient")
             inputs = ([h] if input_grad else []) + params

@@ -32,7 +32,7 @@ their dequantized weight from a forward pass that records gradients to its backw
 A split block's recomputation (offload.split_layer) needs its last projection's inputs, not its
 output: the block's output goes only into the block's own backward, which reads its gradient, not
 its values. Layers marked by :func:`output_unused_in_recomputation` (o_proj, down_proj) skip their
-large product there (:func:`recomputation`), after one recomputation has checked that the block
+large product there (:func:`recompute`), after one recomputation has checked that the block
 returns their output itself. The gradients are the same; on the 8B shape that is about 0.6 TFLOP a
 layer less.
 """
@@ -106,7 +106,7 @@ class LoRA4bitFunction(torch.autograd.Function):
     def forward(ctx, x, x_d, weight, lora_a, lora_b, scale: float, bias, keep_weight: bool = False,
                 skip_product: bool = False):
         """``skip_product``: an output nobody reads (a recomputed block's last projection,
-        :func:`recomputation`): only what backward needs is computed, the output left unwritten."""
+        :func:`recompute`): only what backward needs is computed, the output left unwritten."""
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         xd2 = x_d.reshape(-1, shape[-1])
@@ -287,7 +287,7 @@ _recomputing: list["Recomputation"] = []
 def output_unused_in_recomputation(modules) -> int:
     """Mark fused layers whose output is, it is claimed, their block's output; returns how many.
 
-    In a :func:`recomputation` a marked layer's output is then not computed (its large product and
+    In a :func:`recompute` a marked layer's output is then not computed (its large product and
     bias are skipped). The claim is checked first: until one recomputation has called the layer and
     the block returned that very tensor (:meth:`Recomputation.check`), the layer computes as usual;
     a block that returns anything else (a dropout or a scale after the projection) turns the mark off.
@@ -339,6 +339,15 @@ def recomputation():
         yield record
     finally:
         _recomputing.pop()
+
+
+def recompute(run, *args):
+    """``run(*args)`` with gradients, as a checkpointed block recomputed for its backward: its output
+    goes only into that backward, so marked layers may skip theirs; the claims are checked on it."""
+    with torch.enable_grad(), recomputation() as record:
+        out = run(*args)
+    record.check(out)
+    return out
 
 
 def _keeps_weight(module, x: torch.Tensor) -> bool:
@@ -456,4 +465,4 @@ def lora_groups(module: torch.nn.Module) -> list[_Group]:
 
 
 __all__ = ["GROUPS", "LoRA4bitFunction", "LoRA4bitGroupFunction", "Recomputation", "fuse_lora_layers", "fused_layers",
-           "keep_weights", "lora_groups", "output_unused_in_recomputation", "recomputation"]
+           "keep_weights", "lora_groups", "output_unused_in_recomputation", "recompute", "recomputation"]

@@ -22,7 +22,7 @@ import weakref
 
 import torch
 
-from .lora_kernels import keep_weights, output_unused_in_recomputation, recomputation
+from .lora_kernels import keep_weights, output_unused_in_recomputation, recompute
 
 _streams: dict[int, torch.cuda.Stream] = {}
 #: the MLP block of a split layer runs on at most this many tokens at a time (token_tiles) ...
@@ -144,9 +144,7 @@ def _tiled_backward(run, hidden: torch.Tensor, grad: torch.Tensor, tiles: list[s
     grad_in = torch.empty_like(flat) if hidden.requires_grad else None
     for part in tiles:
         h = flat[part].detach().requires_grad_(hidden.requires_grad)
-        with torch.enable_grad(), recomputation() as record:
-            out = run(h)
-        record.check(out)
+        out = recompute(run, h)
         if out.requires_grad:
             torch.autograd.backward(out, grad[part])
         if grad_in is not None:
@@ -183,9 +181,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             if not done and tiles is not None and grads[0] is not None:
                 done, grad_in = True, _tiled_backward(ctx.run, hidden, grads[0], tiles)
             if not done:
-                with torch.enable_grad(), recomputation() as record:
-                    out = ctx.run(hidden, *ctx.rest)
-                record.check(out)
+                out = recompute(ctx.run, hidden, *ctx.rest)
         if not done:
             outs = out if isinstance(out, tuple) else (out,)
             pairs = [(o, g) for o, g in zip(outs, grads)
@@ -314,7 +310,7 @@ def split_layer(layer: torch.nn.Module, graphs_for=lambda module: None, tile: in
     the whole layer's recomputation; the adapters' gradients are summed over the ranges.
     The recomputation skips the blocks' last projections' products (o_proj, down_proj): a block's
     output goes only into the block's own backward, which never reads its values
-    (lora_kernels.recomputation, checked per layer before the first skip).
+    (lora_kernels.recompute, checked per layer before the first skip).
 
     It works on the layer's children in place, so the model's structure and weights' names stay:
     while training with gradients, each norm passes its input through and the block after it

@@ -219,12 +219,7 @@ def _block_grads(block, x, lora_kernels=None, scale=None):
         p.grad = None
     h = x.clone().requires_grad_(True)
     run = (lambda t: block(t) * scale) if scale is not None else block
-    if lora_kernels is None:
-        out = run(h)
-    else:
-        with lora_kernels.recomputation() as record:
-            out = run(h)
-        record.check(out)
+    out = run(h) if lora_kernels is None else lora_kernels.recompute(run, h)
     out.backward(x * 0.5 + 1)
     return [h.grad.clone()] + [p.grad.clone() for p in block.parameters() if p.requires_grad]
 
