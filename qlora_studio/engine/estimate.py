@@ -634,9 +634,8 @@ class _StepSimulation:
         kept_w = self._keeps_weight(name, input_grad, keep)
         if not kept_w:
             tl.free(w)
-        for handle in (x_d, xa, a, b):
-            if handle is not None:
-                tl.keep(handle)
+        for handle in (x_d, xa, a, b):  # (a, b: None for an fp32 computation)
+            tl.keep(handle)
         tl.free(xa, a, b, x_d if x_d != x else None)
         if last:  # the recomputation stops when the function's saved tensors are packed
             out = self._replace(out, None)
@@ -1429,13 +1428,11 @@ class _StepSimulation:
             return out
         a = self._forward_pass("attn", x, input_grad)
         h1 = tl.alloc(c * h * t)  # the residual add
-        if a is not None:
-            tl.free(a)
+        tl.free(a)  # (None: handed over in the graph's buffer)
         self._offloaded(x)
         m = self._forward_pass("mlp", h1, True)
         out = tl.alloc(c * h * t)
-        if m is not None:
-            tl.free(m)
+        tl.free(m)
         self._offloaded(h1)
         return out
 
