@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _results import write_result
-from op_costs import graphed, layer_dims, shape_arguments
+from op_costs import forward_products, graphed, layer_dims, shape_arguments
 
 
 def main() -> int:
@@ -73,8 +73,8 @@ def main() -> int:
                "input_grad_plain_ms": graphed(lambda: [g @ w for g, w in zip(gs, ws)]),
                "input_grad_term_first_ms": graphed(lambda: input_grad(False)),
                "input_grad_term_last_ms": graphed(lambda: input_grad(True))}
-        # forward and recomputation, then the input gradient, per layer and step
-        for kind, calls in (("forward", 2), ("input_grad", 1)):
+        # forward and recomputation (o and down: forward only), then the input gradient, per layer and step
+        for kind, calls in (("forward", forward_products(f"{name}_proj")), ("input_grad", 1)):
             change += (row[f"{kind}_term_last_ms"] - row[f"{kind}_term_first_ms"]) * calls * layers
         rows[name] = row
         print(f"{args.shape} {name:8s} " + "  ".join(f"{k.replace('_ms', '')} {v * 1e3:.1f} µs" for k, v in row.items()),

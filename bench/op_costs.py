@@ -15,8 +15,9 @@ step of the harness's shape (gradient checkpointing on, so every layer runs forw
   fused       liger-kernel's RMSNorm and SwiGLU, when installed
   copy        one layer input to pinned CPU memory and back (the offloaded checkpoints)
 
-and adds them up per step (32 layers: forward, recomputation and backward) to show which parts
-are worth making faster. Writes bench/results/op_costs-<shape>-<date>-<commit>.json.
+and adds them up per step (32 layers: forward, recomputation and backward, counting the
+products and dequantizations the engine skips: forward_products, dequantizations) to show which
+parts are worth making faster. Writes bench/results/op_costs-<shape>-<date>-<commit>.json.
 """
 
 from __future__ import annotations
@@ -47,6 +48,22 @@ def timed(fn, repeat: int = 10) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+#: a step's large products forward per projection: the forward pass and the recomputation, but a
+#: split block's last projection skips its product in recomputation (lora_kernels.recompute)
+LAST_PROJECTIONS = ("o_proj", "down_proj")
+
+
+def forward_products(name: str) -> int:
+    return 1 if name in LAST_PROJECTIONS else 2
+
+
+def dequantizations(name: str) -> int:
+    """A step's NF4 dequantizations of a projection's weight: forward, recomputation and backward,
+    but the attention block's and down_proj's are kept from recomputation to backward
+    (lora_kernels.keep_weights)."""
+    return 3 if name in ("gate_proj", "up_proj") else 2
 
 
 def graphed(fn, reps: int = 20) -> float:
@@ -148,8 +165,8 @@ def main() -> int:
                       "lora_forward_extra_ms": lora_fwd, "lora_backward_extra_ms": lora_bwd,
                       "gemm_tflops": 2 * tokens * out_f * in_f / fwd / 1e9}
         # Per step: forward and recomputation, then backward.
-        per_layer["dequant"] += 3 * kernel
-        per_layer["gemm"] += 2 * fwd + dgrad
+        per_layer["dequant"] += dequantizations(name) * kernel
+        per_layer["gemm"] += forward_products(name) * fwd + dgrad
         per_layer["lora"] += 2 * lora_fwd + lora_bwd
         del w, packed, weight, x, g, a, b, wd
 
